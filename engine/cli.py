@@ -1,0 +1,128 @@
+"""``depth-engine``: a thin edge over the Python API. Exit 0 on success, 2 on a usage or
+configuration error (one line, no traceback), 3 when shards failed permanently."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from engine.config import DEFAULT_SKY, DEFAULT_TEACHER, DTYPES, ConfigError, LabelConfig
+from storage.objectstore import StorageError
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="depth-engine", description="Depth Anything pseudo-labels at cluster scale.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    lab = sub.add_parser("label", help="label input shards into OUTPUT (resumes when rerun)")
+    lab.add_argument("input", metavar="INPUT", help="brace pattern, prefix/, directory, glob or @FILE")
+    lab.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local directory")
+    lab.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="MODEL",
+                     help="hub id, local directory or s3:// prefix (default: %(default)s)")
+    lab.add_argument("--sky", default=DEFAULT_SKY, metavar="MODEL|none",
+                     help="sky segmentation model, or none (default: %(default)s)")
+    lab.add_argument("--batch-size", type=int, default=8, metavar="N")
+    lab.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="CPU actors (GPU runs use one actor per GPU)")
+    lab.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lab.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    lab.add_argument("--max-attempts", type=int, default=3, metavar="N")
+    lab.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
+    lab.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
+    lab.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+    st = sub.add_parser("status", help="committed / failed / pending shards of OUTPUT")
+    st.add_argument("output", metavar="OUTPUT")
+    st.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
+    demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
+    demo.add_argument("--json", action="store_true")
+    return p
+
+
+def _label(args) -> int:
+    from engine.label import label
+
+    config = LabelConfig(
+        input=args.input, output=args.output, teacher=args.teacher,
+        sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, dtype=args.dtype,
+        max_attempts=args.max_attempts, retry_failed=args.retry_failed,
+        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json)
+    summary = label(config)
+    print_summary(summary.to_json(), args.json)
+    return summary.exit_code
+
+
+def print_summary(s: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    print(f"shards: {s['shards_committed']} committed now, {s['shards_skipped']} already committed, "
+          f"{s['shards_failed']} failed, of {s['shards_total']}")
+    print(f"samples: {s['samples_ok']} ok, {s['samples_error']} error")
+    print(f"{s['wall_seconds']:.1f} s, {s['images_per_second']:.2f} images/s, "
+          f"models busy {100 * s['model_busy_fraction']:.0f}% of actor time "
+          f"({s['workers']} worker(s) on {s['device'] or 'n/a'})")
+    if s["failed_shards"]:
+        print(f"failed: {', '.join(s['failed_shards'])} (see OUTPUT/failed/; rerun with --retry-failed)")
+
+
+def _status(args) -> int:
+    from engine.status import status
+    from storage.objectstore import open_store
+
+    s = status(open_store(args.output))
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(f"{s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
+        for name in s["failed_shards"]:
+            print(f"  failed: {name}")
+    return 0
+
+
+def _demo(args) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(args.output, as_json=args.json)
+
+
+COMMANDS = {"label": _label, "status": _status, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"depth-engine: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"depth-engine: storage: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depth-engine: interrupted; committed shards are kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

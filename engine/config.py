@@ -1,0 +1,51 @@
+"""The label job's configuration: typed, validated when built, shared by the CLI and
+the Python API."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
+DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A usage or configuration error: the CLI prints it on one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    input: str
+    output: str
+    teacher: str = DEFAULT_TEACHER
+    sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
+    batch_size: int = 8
+    workers: int | None = None             # CPU actors; GPU runs use one actor per GPU
+    device: str = "auto"
+    dtype: str = "auto"
+    max_attempts: int = 3
+    retry_failed: bool = False
+    ray_address: str | None = None
+    threads: int = 4                       # decode/encode threads per actor
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.input:
+            raise ConfigError("INPUT is empty")
+        if not self.output:
+            raise ConfigError("OUTPUT is empty")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype in ("fp16", "bf16") and self.device == "cpu":
+            raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")

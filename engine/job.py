@@ -1,0 +1,95 @@
+"""OUTPUT/job.json: what the output is (SPEC §2). It pins the label definition so that
+one OUTPUT never mixes two, and names the input shards so ``status`` reads OUTPUT alone."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from importlib import metadata
+
+from engine.config import ConfigError, LabelConfig
+from pipelines.models import ModelRef
+from storage import layout
+from storage.objectstore import ObjectStore
+
+LABEL_DEFINITION = "depth-anything/v1: disparity, sky=0, min-max over non-sky, uint16 png"
+
+
+def engine_version() -> str:
+    try:
+        return metadata.version("depth-engine")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    label: dict          # the label definition: models and parameters that change labels
+    shards: list[str]    # input shard URLs
+    input: str
+    parameters: dict     # how it ran: batch size, device, ... (free to change between runs)
+
+    @classmethod
+    def build(cls, config: LabelConfig, shards: list[str], teacher: ModelRef,
+              sky: ModelRef | None, teacher_input: dict) -> "JobSpec":
+        label = {
+            "definition": LABEL_DEFINITION,
+            "teacher": teacher.provenance(),
+            "sky": sky.provenance() if sky else None,
+            "teacher_input": teacher_input,
+        }
+        parameters = {k: getattr(config, k) for k in
+                      ("batch_size", "workers", "device", "dtype", "max_attempts", "threads")}
+        return cls(label=label, shards=shards, input=config.input, parameters=parameters)
+
+    def identity(self) -> dict:
+        """What must match for two runs to write into one OUTPUT."""
+        model = lambda m: None if m is None else {"sha256": m["sha256"], "source": m["source"]}  # noqa: E731
+        return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
+                "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"]}
+
+    def to_json(self, created: str | None = None) -> dict:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return {"engine_version": engine_version(), "created": created or now, "updated": now,
+                "input": self.input, "label": self.label, "parameters": self.parameters,
+                "shards": self.shards}
+
+
+def read(output: ObjectStore) -> dict | None:
+    try:
+        return json.loads(output.get(layout.JOB))
+    except FileNotFoundError:
+        return None
+
+
+def differences(old: dict, new: JobSpec) -> list[str]:
+    """Human-readable differences of the label definition, empty when compatible."""
+    previous = JobSpec(label=old["label"], shards=[], input="", parameters={}).identity()
+    current = new.identity()
+    out = []
+    for part in current:
+        if previous.get(part) != current[part]:
+            out.append(f"{part}: OUTPUT has {_short(previous.get(part))}, this run asks for {_short(current[part])}")
+    return out
+
+
+def _short(v) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"{v['source']} (weights sha256 {v['sha256'][:12]})"
+    return json.dumps(v, sort_keys=True)
+
+
+def write(output: ObjectStore, spec: JobSpec) -> dict:
+    """Create or extend job.json: refuses a different label definition (exit 2), keeps
+    the union of input shards across runs so status sees every shard ever asked for."""
+    old = read(output)
+    if old is not None:
+        diff = differences(old, spec)
+        if diff:
+            raise ConfigError(f"{output.url} holds labels of another definition; " + "; ".join(diff)
+                              + " (use a new OUTPUT)")
+        shards = list(dict.fromkeys([*old.get("shards", []), *spec.shards]))
+        spec = JobSpec(spec.label, shards, spec.input, spec.parameters)
+    doc = spec.to_json(created=old.get("created") if old else None)
+    output.put(layout.JOB, json.dumps(doc, indent=2).encode())
+    return doc

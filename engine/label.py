@@ -1,0 +1,166 @@
+"""``label``: the Python API under ``depth-engine label`` (a notebook can call it too).
+
+Order of work: validate models and config on the driver (exit 2 before any cluster
+time is spent), write job.json, plan from listings, run the shards on actors, write
+failure markers, summarise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import ray
+
+from engine import job, plan as planning
+from engine.config import ConfigError, LabelConfig
+from engine.executor import run_shards
+from engine.inputs import InputError, expand
+from engine.progress import ProgressBar
+from engine.worker import LabelActor, WorkerSpec
+from pipelines.models import ModelRef, ModelSourceError, id2label, resolve
+from pipelines.pseudo_label import ShardResult, ShardTask
+from storage import layout
+from storage.objectstore import StorageError, open_store
+
+
+@dataclass
+class Summary:
+    output: str
+    shards_total: int = 0
+    shards_committed: int = 0          # committed by this run
+    shards_skipped: int = 0            # already committed before this run
+    shards_failed: int = 0             # failed permanently (now or before, unless retried)
+    samples_ok: int = 0
+    samples_error: int = 0
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+    model_busy_fraction: float = 0.0  # time inside the models / actor time, over this run's shards
+    workers: int = 0
+    device: str = ""
+    failed_shards: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.shards_failed else 0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+def teacher_input(ref: ModelRef) -> dict:
+    """The teacher's input geometry from its own processor config (pinned in job.json)."""
+    from transformers import AutoImageProcessor
+
+    from labelers.teacher import TeacherPreprocess
+
+    pre = TeacherPreprocess.from_processor(AutoImageProcessor.from_pretrained(ref.path))
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()}
+
+
+def check_sky_model(ref: ModelRef) -> None:
+    names = {str(v).strip().lower() for v in id2label(ref).values()}
+    if "sky" not in names:
+        raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "
+                          "pass a segmentation model with a sky class, or --sky none")
+
+
+def start_ray(config: LabelConfig) -> bool:
+    """Attach to ``--ray-address`` or start a local Ray; True when we started it."""
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
+        return False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False, num_cpus=os.cpu_count())
+    return True
+
+
+def actor_layout(config: LabelConfig) -> tuple[int, dict, str, int | None]:
+    """(how many actors, their Ray options, device, torch threads each)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if config.device == "cuda" and not gpus:
+        raise ConfigError("--device cuda, but the Ray cluster has no GPU")
+    if gpus and config.device != "cpu":
+        return gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None
+    n = config.workers or 1
+    per = max(1, cpus // n)
+    return n, {"num_cpus": per}, "cpu", per
+
+
+def label(config: LabelConfig) -> Summary:
+    t0 = time.time()
+    output = open_store(config.output)
+    try:
+        shards = expand(config.input)
+        teacher = resolve(config.teacher)
+        sky = resolve(config.sky) if config.sky else None
+        if sky:
+            check_sky_model(sky)
+        spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher))
+    except (InputError, ModelSourceError) as e:
+        raise ConfigError(str(e)) from None
+    job.write(output, spec)
+    todo = planning.plan(output, shards, retry_failed=config.retry_failed)
+    summary = Summary(output=output.url, shards_total=todo.total, shards_skipped=len(todo.committed),
+                      shards_failed=0 if config.retry_failed else len(todo.failed),
+                      failed_shards=[] if config.retry_failed else list(todo.failed))
+    if not todo.todo:
+        summary.wall_seconds = time.time() - t0
+        return summary
+
+    started = start_ray(config)
+    try:
+        n, options, device, torch_threads = actor_layout(config)
+        summary.workers, summary.device = n, device
+        wspec = WorkerSpec(output=output.url, teacher=config.teacher, teacher_sha256=teacher.sha256,
+                           sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=device,
+                           dtype=config.dtype, batch_size=config.batch_size, threads=config.threads,
+                           torch_threads=torch_threads)
+        _run(config, output, todo.todo, wspec, n, options, summary)
+    finally:
+        if started:
+            ray.shutdown()
+    summary.wall_seconds = time.time() - t0
+    return summary
+
+
+def _run(config, output, urls, wspec, n, options, summary) -> None:
+    bar = ProgressBar(len(urls), enabled=config.progress)
+    busy = {"model": 0.0, "actor": 0.0}
+    t_start = time.time()
+
+    def on_result(r: ShardResult) -> None:
+        summary.shards_committed += 1
+        summary.samples_ok += r.ok
+        summary.samples_error += r.errors
+        busy["model"] += r.model_seconds
+        busy["actor"] += r.seconds
+        if config.retry_failed:
+            output.delete(layout.failed_key(r.name))
+        bar.shard_done(r)
+
+    def on_failure(task: ShardTask, errors: list[dict]) -> None:
+        marker = {"shard": task.name, "source": task.source, "attempts": len(errors),
+                  "error": errors[-1]["error"], "errors": errors,
+                  "first_started": errors[0]["started"], "failed_at": time.time()}
+        output.put(layout.failed_key(task.name), json.dumps(marker, indent=2).encode())
+        summary.shards_failed += 1
+        summary.failed_shards.append(task.name)
+        bar.shard_failed(task.name, errors[-1]["error"])
+
+    tasks = [ShardTask(u, layout.shard_name(u)) for u in urls]
+    try:
+        run_shards(tasks, lambda: LabelActor.options(**options).remote(wspec), n,
+                   max_attempts=config.max_attempts, on_result=on_result,
+                   on_failure=on_failure, on_tick=bar.live)
+    finally:
+        bar.close()
+    wall = time.time() - t_start
+    done = summary.samples_ok + summary.samples_error
+    summary.images_per_second = done / wall if wall > 0 else 0.0
+    summary.model_busy_fraction = busy["model"] / busy["actor"] if busy["actor"] else 0.0

@@ -1,0 +1,82 @@
+"""The labeler actor: models loaded once, then one shard per call.
+
+Ray owns placement (one actor per GPU, or N CPU actors); the actor only binds the
+pipeline to its models and reports live progress from a second concurrency group, so
+the driver can ask while a shard is being labeled.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+import ray
+
+from pipelines.models import resolve
+from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
+from storage.objectstore import open_store
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    output: str
+    teacher: str
+    teacher_sha256: str
+    sky: str | None
+    sky_sha256: str | None
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8
+    threads: int = 4
+    torch_threads: int | None = None
+
+
+def _check_same_weights(source: str, found: str, expected: str) -> None:
+    if found != expected:
+        raise RuntimeError(f"model {source} on {socket.gethostname()} has weights sha256 {found[:12]}, "
+                           f"job.json pins {expected[:12]}: the node sees another version")
+
+
+def load_labelers(spec: WorkerSpec) -> Labelers:
+    """Resolve (once per node) and load the models this worker labels with."""
+    import torch
+
+    from labelers.devices import resolve_device
+    from labelers.sky import SkySegmenter
+    from labelers.teacher import Teacher
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    device = resolve_device(spec.device)
+    ref = resolve(spec.teacher)
+    _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
+    teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher)
+    sky = None
+    if spec.sky:
+        sref = resolve(spec.sky)
+        _check_same_weights(spec.sky, sref.sha256, spec.sky_sha256)
+        sky = SkySegmenter.load(sref.path, device=str(device), dtype=spec.dtype, name=spec.sky)
+    return Labelers(teacher, sky)
+
+
+@ray.remote(concurrency_groups={"report": 1})
+class LabelActor:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.labelers = load_labelers(spec)
+        self.output = open_store(spec.output)
+        gpus = ray.get_gpu_ids()
+        self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
+        self.live = Progress()
+
+    def ready(self) -> str:
+        return self.name
+
+    def label(self, task: ShardTask) -> ShardResult:
+        self.live = Progress(extra={"shard": task.name})
+        return label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
+                           threads=self.spec.threads, worker=self.name, progress=self.live)
+
+    @ray.method(concurrency_group="report")
+    def progress(self) -> dict:
+        return asdict(self.live)

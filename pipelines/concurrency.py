@@ -1,0 +1,136 @@
+"""The two pieces of plumbing that keep a model busy: a prefetching ordered map,
+and a bucketer that forms same-size batches without waiting forever."""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import Executor, Future
+from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+_END = object()
+
+
+class _Raised:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetch_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, depth: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, with reading ``items`` and up to ``depth`` calls of
+    ``fn`` running ahead in the background. An exception from ``items`` or ``fn``
+    surfaces in the consumer at the position it happened; stopping early stops the reader."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(pool.submit(fn, item)):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Raised(e))
+
+    reader = threading.Thread(target=produce, name="prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _END:
+                return
+            if isinstance(x, _Raised):
+                raise x.exc
+            yield x.result()
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+
+
+class Bucketer:
+    """Groups items by a key (the teacher's input size) into batches of ``batch_size``.
+
+    At most ``max_pending`` items wait: past that, the fullest bucket goes out even if
+    it is short, so memory stays bounded however many sizes a shard mixes."""
+
+    def __init__(self, batch_size: int, key: Callable[[T], Hashable], max_pending: int | None = None):
+        self.batch_size = batch_size
+        self.key = key
+        self.max_pending = max(batch_size, max_pending or 4 * batch_size)
+        self._buckets: OrderedDict[Hashable, list] = OrderedDict()
+        self._pending = 0
+
+    def add(self, item: T) -> list[list[T]]:
+        bucket = self._buckets.setdefault(self.key(item), [])
+        bucket.append(item)
+        self._pending += 1
+        ready = []
+        if len(bucket) >= self.batch_size:
+            ready.append(self._take(self.key(item)))
+        while self._pending > self.max_pending:
+            ready.append(self._take(max(self._buckets, key=lambda k: len(self._buckets[k]))))
+        return ready
+
+    def flush(self) -> list[list[T]]:
+        return [self._take(k) for k in list(self._buckets)]
+
+    def _take(self, k: Hashable) -> list[T]:
+        batch = self._buckets.pop(k)
+        self._pending -= len(batch)
+        return batch
+
+
+class OrderedSink:
+    """Consumes futures in submission order on its own thread (the shard writer), so
+    upload and tar writing overlap the model. ``put`` re-raises the sink's failure."""
+
+    def __init__(self, consume: Callable[[object], None], depth: int):
+        self._consume = consume
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fut = self._q.get()
+            if fut is _END:
+                return
+            if self._error is not None:
+                continue  # drain so producers never block
+            try:
+                self._consume(fut.result())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+                self._error = e
+
+    def put(self, fut: Future) -> None:
+        self._check()
+        self._q.put(fut)
+
+    def close(self) -> None:
+        """Wait until everything put was consumed; raise the first failure."""
+        self._q.put(_END)
+        self._thread.join()
+        self._check()
+
+    def abandon(self) -> None:
+        self._error = self._error or RuntimeError("abandoned")
+        self._q.put(_END)
+        self._thread.join(timeout=5)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,164 @@
+"""The pseudo-label flow (Depth Anything's data engine), written down once, in order:
+
+    read shard -> decode -> [bucket by teacher size] -> sky -> teacher -> normalize+encode -> write shard -> commit
+
+``label_batch`` is the model step over one batch; ``label_shard`` runs the whole flow for
+one shard with decode and encode in threads around the model. Nothing here knows about
+Ray: the engine calls ``label_shard`` inside an actor, tests call it in-process.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from labelers.sky import SkySegmenter
+from labelers.teacher import Teacher
+from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
+from pipelines.decode import decode, sample_from_members
+from pipelines.encode import Encoded, encode
+from pipelines.sample import Sample
+from storage import layout
+from storage.manifest import encode_part
+from storage.objectstore import ObjectStore, locate
+from storage.shards import TarShardWriter, iter_tar_samples
+
+
+@dataclass(frozen=True)
+class Labelers:
+    """The loaded models of one worker."""
+
+    teacher: Teacher
+    sky: SkySegmenter | None = None
+
+    @property
+    def names(self) -> dict:
+        return {"teacher": self.teacher.name, "sky_model": self.sky.name if self.sky else "none"}
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    source: str        # input shard URL
+    name: str          # output name (layout.shard_name(source))
+    attempt: int = 1
+
+
+@dataclass
+class ShardResult:
+    """What one shard attempt did: the counters the engine sums for its summary."""
+
+    name: str
+    source: str
+    samples: int = 0
+    ok: int = 0
+    errors: int = 0
+    tar_size: int = 0
+    seconds: float = 0.0           # wall time of the attempt
+    model_seconds: float = 0.0     # time inside sky + teacher
+    worker: str = ""
+    attempt: int = 1
+
+
+@dataclass
+class Progress:
+    """Live counters of the shard in flight, read by the engine's progress bar."""
+
+    samples: int = 0
+    errors: int = 0
+    model_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def label_batch(batch: list[Sample], labelers: Labelers) -> float:
+    """Sky then teacher over one batch of decoded samples; returns model seconds."""
+    images = [s.image for s in batch]
+    t0 = time.perf_counter()
+    masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
+    raws = labelers.teacher.predict(images)
+    seconds = time.perf_counter() - t0
+    for s, mask, raw in zip(batch, masks, raws):
+        s.sky, s.raw, s.image = mask, raw, None   # the pixels are no longer needed
+        s.timings["model"] = seconds / len(batch)
+    return seconds
+
+
+def label_shard(
+    task: ShardTask,
+    labelers: Labelers,
+    output: ObjectStore,
+    *,
+    batch_size: int = 8,
+    threads: int = 4,
+    worker: str = "",
+    progress: Progress | None = None,
+) -> ShardResult:
+    """Label one input shard into ``output``: the tar is streamed out, completed, and only
+    then is the manifest part written (the commit record). Raises on a shard-level
+    failure (unreadable tar, storage error, model error), leaving nothing committed."""
+    t_start = time.perf_counter()
+    progress = progress or Progress()
+    result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
+    models = labelers.names
+    rows: list[dict] = []
+    in_store, in_key = locate(task.source)
+    teacher_size = lambda s: labelers.teacher.target_size(s.height, s.width)  # noqa: E731
+
+    with in_store.open_read(in_key) as stream, output.open_write(layout.shard_key(task.name)) as out:
+        tar = TarShardWriter(out)
+
+        def write(enc: Encoded) -> None:
+            records = tar.add(enc.key, enc.members) if enc.members else []
+            rows.append({**enc.row, "members": [
+                {"name": r.name, "offset": r.offset, "size": r.size, "sha256": r.sha256}
+                for r in records]})
+            progress.samples += 1
+            progress.errors += enc.row["status"] != "ok"
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:
+            sink = OrderedSink(write, depth=4 * batch_size)
+            submit = lambda s: sink.put(pool.submit(encode, s, models))  # noqa: E731
+            bucketer = Bucketer(batch_size, key=teacher_size)
+            try:
+                decoded = prefetch_map(
+                    lambda m: decode(sample_from_members(m, task.source)),
+                    iter_tar_samples(stream), pool, depth=2 * batch_size)
+                for sample in decoded:
+                    if not sample.ok:
+                        submit(sample)
+                        continue
+                    for batch in bucketer.add(sample):
+                        _model_step(batch, labelers, result, progress, submit)
+                for batch in bucketer.flush():
+                    _model_step(batch, labelers, result, progress, submit)
+                sink.close()
+            except BaseException:
+                sink.abandon()
+                raise
+        result.tar_size = tar.close()
+        out.commit()
+
+    stamp = dt.datetime.now(dt.timezone.utc)
+    for row in rows:
+        row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind="pseudo",
+                   worker=worker, attempt=task.attempt, labeled_at=stamp)
+    commit_manifest(output, task.name, rows)
+    result.samples = len(rows)
+    result.ok = sum(r["status"] == "ok" for r in rows)
+    result.errors = result.samples - result.ok
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _model_step(batch, labelers, result, progress, submit) -> None:
+    seconds = label_batch(batch, labelers)
+    result.model_seconds += seconds
+    progress.model_seconds += seconds
+    for s in batch:
+        submit(s)
+
+
+def commit_manifest(output: ObjectStore, name: str, rows: list[dict]) -> None:
+    """The commit record, written last and only once: its presence means 'committed'."""
+    if not output.put(layout.manifest_key(name), encode_part(rows), if_absent=True):
+        raise RuntimeError(f"shard {name} was committed by another attempt meanwhile")

@@ -1,0 +1,38 @@
+"""The one record that crosses every labeling stage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Sample:
+    """One input sample on its way to a labeled sample or an error row.
+
+    Stages fill it in order (decode -> label -> encode); a stage that fails sets
+    ``error`` and later stages leave the sample alone, so every sample ends with an
+    explicit outcome and none is dropped.
+    """
+
+    key: str
+    source: str                                 # input shard URL
+    image_ext: str | None = None                # extension of the image member, e.g. "jpg"
+    image_bytes: bytes | None = None            # original bytes, written back unchanged
+    extras: dict[str, bytes] = field(default_factory=dict)  # carried input members
+    image: np.ndarray | None = None             # decoded RGB uint8 HxWx3, EXIF-oriented
+    height: int | None = None                   # of the oriented image; kept after image is freed
+    width: int | None = None
+    raw: np.ndarray | None = None               # teacher output at image size (float32)
+    sky: np.ndarray | None = None               # bool HxW, True = sky
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def fail(self, reason: str) -> "Sample":
+        self.error = reason
+        self.image = self.raw = self.sky = None
+        return self

@@ -1,0 +1,80 @@
+"""The manifest: one Parquet part per committed shard, read as one pyarrow dataset.
+
+The schema is versioned (``MANIFEST_VERSION`` in the Parquet schema metadata) and
+documented in docs/MANIFEST.md; add columns freely, never change a column's meaning.
+"""
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from storage.layout import MANIFEST
+from storage.objectstore import ObjectStore
+
+MANIFEST_VERSION = "1"
+
+MEMBER = pa.struct([
+    ("name", pa.string()),      # tar member name, "<key>.<ext>"
+    ("offset", pa.int64()),     # byte offset of the member's data in the tar
+    ("size", pa.int64()),
+    ("sha256", pa.string()),
+])
+
+SCHEMA = pa.schema(
+    [
+        # SPEC §4, required
+        ("key", pa.string()),
+        ("shard", pa.string()),          # output shard file name, e.g. "shard-000123.tar"
+        ("source", pa.string()),         # input shard URL
+        ("status", pa.string()),         # "ok" | "error"
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sky_fraction", pa.float32()),
+        ("disp_min", pa.float32()),      # raw teacher range over non-sky pixels
+        ("disp_max", pa.float32()),
+        ("teacher", pa.string()),
+        ("sky_model", pa.string()),
+        # beyond the required
+        ("source_kind", pa.string()),    # "pseudo" (teacher labels) or "gt"
+        ("degenerate", pa.bool_()),      # hi - lo ~ 0 or no non-sky pixel: label is all 0
+        ("disp_p05", pa.float32()),      # percentiles of the normalized label over non-sky pixels
+        ("disp_p50", pa.float32()),
+        ("disp_p95", pa.float32()),
+        ("members", pa.list_(MEMBER)),   # every member of this sample in the tar
+        ("tar_size", pa.int64()),        # size of the whole output tar
+        ("decode_s", pa.float32()),
+        ("model_s", pa.float32()),       # this sample's share of its batch's model time
+        ("encode_s", pa.float32()),
+        ("worker", pa.string()),
+        ("attempt", pa.int32()),
+        ("labeled_at", pa.timestamp("ms", tz="UTC")),
+    ],
+    metadata={b"depth_engine.manifest_version": MANIFEST_VERSION.encode()},
+)
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """Rows (dicts keyed by column name; missing columns are null) -> a table of SCHEMA."""
+    columns = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def encode_part(rows: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(to_table(rows), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def decode_part(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def dataset(output: ObjectStore) -> ds.Dataset:
+    """The whole manifest of an OUTPUT as one pyarrow dataset (what a trainer reads)."""
+    fs, root = output.arrow_filesystem()
+    path = f"{root.rstrip('/')}/{MANIFEST.rstrip('/')}"
+    return ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMA)
