@@ -1,0 +1,41 @@
+"""Loading a model and its processor from a save_pretrained folder or a hub id.
+
+Weights load from safetensors only (SPEC §1): a pickle checkpoint can run code when unpickled,
+and labeling jobs load models named on a command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class NoSafetensorsError(ValueError):
+    """The model has no safetensors weights, and the engine loads no other format."""
+
+
+def _refuse(source: str) -> NoSafetensorsError:
+    return NoSafetensorsError(
+        f"model {source!r} has no safetensors weights (model.safetensors); the engine loads "
+        "weights from safetensors only — convert the checkpoint with save_pretrained first"
+    )
+
+
+def load_pretrained(auto_model, source: str, *, revision: str | None, device: torch.device):
+    """(fp32 model in eval mode on device, image processor) for a local folder or a hub id."""
+    from transformers import AutoImageProcessor
+
+    path = Path(source)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise _refuse(source)
+    try:
+        model = auto_model.from_pretrained(source, revision=revision, use_safetensors=True)
+    except OSError as err:  # a hub repo without safetensors; other errors pass through
+        message = str(err)
+        if "safetensors" in message and ("does not appear to have" in message or "no file named" in message):
+            raise _refuse(source) from err
+        raise
+    processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
+    return model.float().eval().to(device), processor

@@ -1,0 +1,106 @@
+"""Sky masks from a semantic segmentation model (SPEC §5.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labelers.devices import autocast, resolve_device, resolve_dtype
+from labelers.loading import load_pretrained
+from labelers.preprocess import ImagePreprocess
+
+# Upsampled logits held at once, in elements (~64 MiB of float32): bounds memory on huge images.
+UPSAMPLE_BUDGET = 16 * 1024 * 1024
+
+
+class NoSkyClassError(ValueError):
+    """The segmentation model has no class named 'sky', so it cannot give sky masks."""
+
+
+def sky_class_ids(id2label: Mapping) -> tuple[int, ...]:
+    """Every class id whose label is 'sky', ignoring case and surrounding spaces."""
+    return tuple(sorted(int(i) for i, label in id2label.items() if str(label).strip().lower() == "sky"))
+
+
+def sky_from_logits(logits: torch.Tensor, sky_ids: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+    """bool mask at `size`: argmax of the bilinearly upsampled logits (CxHxW) is a sky class.
+
+    Equal to post_process_semantic_segmentation(...) in sky_ids, but the classes are upsampled a
+    few at a time, keeping the running best score and whether it belongs to sky, so memory is
+    bounded by UPSAMPLE_BUDGET rather than C full-size maps. Classes run in index order and a
+    later chunk wins only when strictly larger, so ties resolve like argmax (lowest id).
+    """
+    num_classes = logits.shape[0]
+    chunk = max(1, min(num_classes, UPSAMPLE_BUDGET // max(1, size[0] * size[1])))
+    is_sky_class = torch.zeros(num_classes, dtype=torch.bool, device=logits.device)
+    is_sky_class[list(sky_ids)] = True
+    best = sky = None
+    for start in range(0, num_classes, chunk):
+        part = logits[None, start : start + chunk]
+        part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[0]
+        index = part.argmax(dim=0)  # first maximum within the chunk, as argmax over all
+        value = part.gather(0, index[None])[0]
+        part_sky = is_sky_class[start + index]
+        if best is None:
+            best, sky = value, part_sky
+        else:
+            wins = value > best
+            best = torch.where(wins, value, best)
+            sky = torch.where(wins, part_sky, sky)
+    return sky
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SkySegmenter:
+    """A segmentation model reduced to one question per pixel: is it sky?"""
+
+    name: str
+    sky_ids: tuple[int, ...]
+    preprocess: ImagePreprocess
+    device: torch.device
+    dtype: torch.dtype
+    model: torch.nn.Module
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        revision: str | None = None,
+        name: str | None = None,
+    ) -> "SkySegmenter":
+        """Load a model and its processor; refuse at once a model without a sky class."""
+        from transformers import AutoModelForSemanticSegmentation
+
+        dev = resolve_device(device)
+        precision = resolve_dtype(dtype, dev)
+        model, processor = load_pretrained(
+            AutoModelForSemanticSegmentation, source, revision=revision, device=dev
+        )
+        sky_ids = sky_class_ids(model.config.id2label)
+        label = name or str(source)
+        if not sky_ids:
+            raise NoSkyClassError(
+                f"sky model {label!r}: its id2label has no class named 'sky' "
+                f"({len(model.config.id2label)} classes); use a model with a sky class, or --sky none"
+            )
+        return cls(label, sky_ids, ImagePreprocess.from_processor(processor), dev, precision, model)
+
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """bool HxW per uint8 HxWx3 RGB image, True = sky."""
+        results: list[np.ndarray | None] = [None] * len(images)
+        with torch.inference_mode():
+            for members, pixels in self.preprocess.batches(images, self.device):
+                with autocast(self.device, self.dtype):
+                    logits = self.model(pixel_values=pixels).logits
+                logits = logits.float()
+                for row, i in enumerate(members):
+                    mask = sky_from_logits(logits[row], self.sky_ids, images[i].shape[:2])
+                    results[i] = mask.cpu().numpy()
+        return results  # type: ignore[return-value]
