@@ -1,0 +1,104 @@
+"""One boto3 S3 client per process and configuration, and errors that never carry secrets.
+
+Stores are pickled to Ray workers, so they hold no client: `client()` builds one lazily in the
+process that needs it, from the standard AWS configuration only (environment and profiles).
+The cache key includes the `AWS_*` environment, so a process (or a test) that switches endpoint
+or credentials gets a matching client rather than a stale one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .objectstore import ObjectNotFound, StorageError
+
+MAX_ATTEMPTS = 10  # boto3 (adaptive mode) and pyarrow alike
+MAX_POOL_CONNECTIONS = 32  # threaded uploads would otherwise churn the default pool of 10
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+_lock = threading.Lock()
+_clients: dict[tuple, Any] = {}
+
+
+def _config_key() -> tuple:
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return (os.getpid(), env)
+
+
+def client() -> Any:
+    """The S3 client for this process and the current AWS configuration (thread-safe)."""
+    key = _config_key()
+    found = _clients.get(key)
+    if found is not None:
+        return found
+    with _lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            session = boto3.session.Session()
+            # botocore reads AWS_DEFAULT_REGION itself; AWS_REGION is the newer spelling.
+            region = os.environ.get("AWS_REGION") or None
+            retries = {"mode": "adaptive", "max_attempts": MAX_ATTEMPTS}  # fresh: botocore edits it
+            config = Config(retries=retries, max_pool_connections=MAX_POOL_CONNECTIONS)
+            _clients[key] = session.client("s3", region_name=region, config=config)
+        return _clients[key]
+
+
+def redact(text: str) -> str:
+    """Blank out any secret from the environment that a server or library echoed back."""
+    for name in _SECRET_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def error_code(exc: BaseException) -> tuple[str, int | None]:
+    """(S3 error code, HTTP status) of a botocore ClientError; ('', None) for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(response.get("Error", {}).get("Code") or status or ""), status
+
+
+def storage_error(op: str, url: str, exc: BaseException) -> StorageError:
+    """Map a boto3 failure to ObjectNotFound / StorageError naming the operation and object."""
+    code, status = error_code(exc)
+    if code in _NOT_FOUND:
+        error: StorageError = ObjectNotFound(f"{op} {url}: no such object")
+    elif code:
+        message = getattr(exc, "response", {}).get("Error", {}).get("Message") or ""
+        detail = f": {message}" if message and message != code else ""  # Ceph echoes the code
+        error = StorageError(redact(f"{op} {url}: {code} (HTTP {status}){detail}"))
+    else:
+        error = StorageError(redact(f"{op} {url}: {type(exc).__name__}: {exc}"))
+    error.code = code or None
+    return error
+
+
+def call(op: str, url: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run one boto3 call, translating its errors (retries are botocore's, adaptive mode)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (ClientError, BotoCoreError) as e:
+        raise storage_error(op, url, e) from e
+
+
+def arrow_s3_options() -> dict[str, str]:
+    """pyarrow.fs.S3FileSystem arguments from the same standard variables boto3 reads."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    options = {"region": region}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+        options["scheme"] = parts.scheme
+    return options
