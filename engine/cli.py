@@ -46,6 +46,22 @@ def build_parser() -> Parser:
     st.add_argument("output", metavar="OUTPUT")
     st.add_argument("--json", action="store_true")
 
+    b = sub.add_parser("bench", help="measure end-to-end throughput and worker memory on synthetic shards")
+    b.add_argument("--teacher", default=None, metavar="MODEL", help="default: a random-weight teacher")
+    b.add_argument("--sky", default=None, metavar="MODEL|none", help="default: a random-weight segmenter")
+    b.add_argument("--teacher-size", default="vits", choices=["tiny", "vits", "vitb", "vitl"])
+    b.add_argument("--sky-size", default="b0", choices=["tiny", "b0"])
+    b.add_argument("--image-size", type=int, default=518, metavar="N", help="random teacher's input size")
+    b.add_argument("--images", type=int, default=64, metavar="N")
+    b.add_argument("--sizes", default=None, metavar="WxH,...")
+    b.add_argument("--memory", action="store_true", help="also peak worker RSS for N and 10 N image shards")
+    b.add_argument("--batch-size", type=int, default=8, metavar="N")
+    b.add_argument("--workers", type=int, default=None, metavar="N")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    b.add_argument("--workdir", default=None, metavar="DIR")
+    b.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
     demo.add_argument("--json", action="store_true")
@@ -100,10 +116,27 @@ def _demo(args) -> int:
     return run_demo(args.output, as_json=args.json)
 
 
-COMMANDS = {"label": _label, "status": _status, "demo": _demo}
+def _bench(args) -> int:
+    from engine.bench import BenchConfig, parse_sizes, print_report, run_bench
+
+    cfg = BenchConfig(
+        teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
+        image_size=args.image_size, images=args.images, memory=args.memory,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+        workdir=args.workdir, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+    report = run_bench(cfg)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    return 0
+
+
+COMMANDS = {"label": _label, "status": _status, "bench": _bench, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library chatter (weight-loading bars, backend notices) would bury the progress bar;
+    # set before transformers is imported, and inherited by local Ray workers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -39,6 +39,7 @@ class Summary:
     model_busy_fraction: float = 0.0  # time inside the models / actor time, over this run's shards
     workers: int = 0
     device: str = ""
+    peak_worker_rss_mb: float = 0.0    # the largest peak RSS of any worker process
     failed_shards: list[str] = field(default_factory=list)
 
     @property
@@ -51,7 +52,10 @@ class Summary:
 
 def teacher_input(ref: ModelRef) -> dict:
     """The teacher's input geometry from its own processor config (pinned in job.json)."""
+    import transformers
     from transformers import AutoImageProcessor
+
+    transformers.logging.set_verbosity_error()
 
     from labelers.teacher import TeacherPreprocess
 
@@ -140,6 +144,7 @@ def _run(config, output, urls, wspec, n, options, summary) -> None:
         summary.samples_error += r.errors
         busy["model"] += r.model_seconds
         busy["actor"] += r.seconds
+        summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, r.peak_rss_bytes / 2**20)
         if config.retry_failed:
             output.delete(layout.failed_key(r.name))
         bar.shard_done(r)

@@ -13,23 +13,28 @@ class ProgressBar:
         self.images = 0          # in finished shards
         self.errors = 0
         self.live_images = 0     # in shards still in flight
+        self.finished: set[str] = set()
         self.bar = tqdm(total=shards, unit="shard", file=sys.stderr, disable=not enabled,
                         dynamic_ncols=True, smoothing=0.1)
         self._refresh()
 
     def shard_done(self, result) -> None:
+        self.finished.add(result.name)
+        self.live_images = 0
         self.images += result.samples
         self.errors += result.errors
         self.bar.update(1)
         self._refresh()
 
     def shard_failed(self, name: str, error: str) -> None:
+        self.finished.add(name)
         self.bar.write(f"shard {name} failed permanently: {error}", file=sys.stderr)
         self.bar.update(1)
         self._refresh()
 
     def live(self, inflight: dict) -> None:
-        self.live_images = sum(p.get("samples", 0) for p in inflight.values())
+        self.live_images = sum(p.get("samples", 0) for name, p in inflight.items()
+                               if name not in self.finished)
         self._refresh()
 
     def _refresh(self) -> None:

@@ -7,6 +7,7 @@ the driver can ask while a shard is being labeled.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from dataclasses import asdict, dataclass
 
@@ -40,11 +41,14 @@ def _check_same_weights(source: str, found: str, expected: str) -> None:
 def load_labelers(spec: WorkerSpec) -> Labelers:
     """Resolve (once per node) and load the models this worker labels with."""
     import torch
+    import transformers
 
     from labelers.devices import resolve_device
     from labelers.sky import SkySegmenter
     from labelers.teacher import Teacher
 
+    transformers.logging.set_verbosity_error()        # no per-actor weight-loading bars
+    transformers.logging.disable_progress_bar()
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     device = resolve_device(spec.device)
@@ -74,8 +78,10 @@ class LabelActor:
 
     def label(self, task: ShardTask) -> ShardResult:
         self.live = Progress(extra={"shard": task.name})
-        return label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
-                           threads=self.spec.threads, worker=self.name, progress=self.live)
+        result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
+                             threads=self.spec.threads, worker=self.name, progress=self.live)
+        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return result
 
     @ray.method(concurrency_group="report")
     def progress(self) -> dict:

@@ -58,6 +58,7 @@ class ShardResult:
     model_seconds: float = 0.0     # time inside sky + teacher
     worker: str = ""
     attempt: int = 1
+    peak_rss_bytes: int = 0        # the worker process's peak, filled in by the executor
 
 
 @dataclass

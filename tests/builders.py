@@ -8,19 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-
-def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A smooth RGB scene with a bright-blue 'sky' band on top, so models see structure."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([
-        127 + 100 * np.sin(x / max(width, 1) * 6 + seed),
-        127 + 100 * np.cos(y / max(height, 1) * 5),
-        127 + 60 * np.sin((x + y) / max(height + width, 1) * 9),
-    ], axis=-1)
-    img[: height // 3] = [90, 150, 235]
-    img += rng.normal(0, 4, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+from engine.synthetic import scene
 
 
 def encode(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:

@@ -1,0 +1,130 @@
+"""``depth-engine bench``: figures to reproduce before a job, on the user's own machine.
+
+What it measures today, in one run:
+- the engine end to end (``label`` with a local Ray: storage -> shards -> manifest) on
+  synthetic shards: images/s and the fraction of actor time inside the models;
+- with ``--memory``: one worker's peak RSS labeling a shard of N images and one of 10 N
+  images, each in a fresh worker, so a reader can see that memory is flat in shard size.
+Model load and cluster start are outside the steady-state figures (``label`` reports
+images/s over the shard work only).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import ConfigError, LabelConfig
+from engine.synthetic import DEFAULT_SIZES, write_shard
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    teacher: str | None = None            # None: a random-weight teacher of teacher_size
+    sky: str | None = None                # None: a random-weight segmenter; "none": no sky
+    teacher_size: str = "vits"
+    sky_size: str = "b0"
+    image_size: int = 518                 # processor size of the random teacher
+    images: int = 64
+    sizes: list = field(default_factory=lambda: list(DEFAULT_SIZES))
+    memory: bool = False
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    workdir: str | None = None
+
+    def __post_init__(self):
+        if self.images < 1:
+            raise ConfigError(f"--images must be >= 1, got {self.images}")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'640x480,500x375' (W x H, as image tools print them) -> [(480, 640), (375, 500)]."""
+    try:
+        out = [(int(h), int(w)) for w, h in (s.lower().split("x") for s in text.split(",") if s)]
+    except ValueError:
+        raise ConfigError(f"--sizes must look like 640x480,500x375, got {text!r}") from None
+    if not out or min(min(s) for s in out) < 1:
+        raise ConfigError(f"--sizes must look like 640x480,500x375, got {text!r}")
+    return out
+
+
+def _models(cfg: BenchConfig, root: Path) -> tuple[str, str | None, dict]:
+    from labelers.random_models import save_random_segmenter, save_random_teacher
+
+    teacher, sky = cfg.teacher, cfg.sky
+    desc = {}
+    if teacher is None:
+        path = root / f"random-teacher-{cfg.teacher_size}-{cfg.image_size}"
+        if not (path / "config.json").exists():
+            save_random_teacher(path, size=cfg.teacher_size, image_size=cfg.image_size)
+        teacher = str(path)
+        desc["teacher"] = f"random {cfg.teacher_size} at {cfg.image_size}"
+    if sky is None:
+        path = root / f"random-segmenter-{cfg.sky_size}"
+        if not (path / "config.json").exists():
+            save_random_segmenter(path, size=cfg.sky_size)
+        sky = str(path)
+        desc["sky"] = f"random {cfg.sky_size}"
+    return teacher, None if sky == "none" else sky, desc
+
+
+def _label(cfg: BenchConfig, inputs: str, output: str, teacher: str, sky: str | None):
+    from engine.label import label
+
+    return label(LabelConfig(input=inputs, output=output, teacher=teacher, sky=sky,
+                             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
+                             dtype=cfg.dtype, progress=False))
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
+    teacher, sky, desc = _models(cfg, root / "models")
+    report = {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher),
+                                               "sky": desc.get("sky", sky or "none")}}
+    per_shard = max(1, cfg.images // 4)
+    for i in range(0, cfg.images, per_shard):
+        write_shard(root / "e2e" / f"bench-{i // per_shard:06d}.tar", min(per_shard, cfg.images - i),
+                    cfg.sizes, seed=i)
+    s = _label(cfg, f"{root}/e2e/", str(root / "out-e2e"), teacher, sky)
+    report["end_to_end"] = {k: v for k, v in s.to_json().items()
+                            if k in ("samples_ok", "samples_error", "wall_seconds", "images_per_second",
+                                     "model_busy_fraction", "workers", "device", "peak_worker_rss_mb")}
+    if cfg.memory:
+        report["memory"] = {}
+        for label_, n in (("small", cfg.images), ("large", 10 * cfg.images)):
+            shard = write_shard(root / f"mem-{label_}" / f"mem-{label_}.tar", n, cfg.sizes)
+            r = _label(cfg, str(shard), str(root / f"out-mem-{label_}"), teacher, sky)
+            report["memory"][label_] = {"images": n, "peak_worker_rss_mb": round(r.peak_worker_rss_mb, 1),
+                                        "images_per_second": round(r.images_per_second, 3)}
+        m = report["memory"]
+        m["large_over_small"] = round(m["large"]["peak_worker_rss_mb"] / m["small"]["peak_worker_rss_mb"], 3)
+    report["workdir"] = str(root)
+    return report
+
+
+def print_report(r: dict) -> None:
+    print(f"machine: {r['machine']}")
+    print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}")
+    e = r["end_to_end"]
+    print(f"end to end: {e['images_per_second']:.2f} images/s over {e['samples_ok']} images, "
+          f"models busy {100 * e['model_busy_fraction']:.1f}% of actor time, "
+          f"peak worker RSS {e['peak_worker_rss_mb']:.0f} MiB ({e['workers']} worker(s) on {e['device']})")
+    if "memory" in r:
+        m = r["memory"]
+        print(f"memory: peak worker RSS {m['small']['peak_worker_rss_mb']:.0f} MiB for {m['small']['images']} images, "
+              f"{m['large']['peak_worker_rss_mb']:.0f} MiB for {m['large']['images']} images "
+              f"(ratio {m['large_over_small']:.3f})")
