@@ -9,6 +9,7 @@ import os
 import sys
 
 from engine.config import DEFAULT_SKY, DEFAULT_TEACHER, DTYPES, ConfigError, LabelConfig
+from engine.executor import JobAborted
 from storage.objectstore import StorageError
 
 
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"depth-engine: storage: {e}", file=sys.stderr)
         return 2
+    except JobAborted as e:
+        print(f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again to resume.",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("depth-engine: interrupted; committed shards are kept. Run the same command again to resume.",
               file=sys.stderr)

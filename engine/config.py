@@ -2,7 +2,8 @@
 the Python API."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
@@ -29,6 +30,8 @@ class LabelConfig:
     ray_address: str | None = None
     threads: int = 4                       # decode/encode threads per actor
     progress: bool = True
+    # The job lease (one label per OUTPUT): a dead driver's lease lapses after this long.
+    lease_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_LEASE_SECONDS", 60)))
 
     def __post_init__(self):
         if not self.input:
@@ -47,5 +50,7 @@ class LabelConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.dtype in ("fp16", "bf16") and self.device == "cpu":
             raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+        if self.lease_seconds <= 0:
+            raise ConfigError(f"the job lease must be > 0 s, got {self.lease_seconds}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")

@@ -1,112 +1,185 @@
-"""Shards to actors, dynamically: each actor holds at most two shards (one running, one
-queued so it never idles between shards); a faster actor simply comes back sooner.
+"""Shards to actors, dynamically: each ready actor holds at most two shards (one running,
+one queued so it never idles between shards); a faster actor simply comes back sooner.
 
-A failed attempt (exception, dead actor) is retried on another actor until
-``max_attempts``; a dead actor is replaced. The caller decides what a result or a
-permanent failure means (commit counters, failed/ markers): this loop only schedules.
+One retry rule for every failure: an attempt that raised, or whose actor died (process
+killed, node lost), is retried, on whichever actor is free, until ``max_attempts``. A dead
+actor is replaced. The replacement gets work only once it has loaded its models, so a
+cluster that lost a node goes on with the actors it has while the replacement waits for
+room. The caller decides what a result or a permanent failure means (counters, failed/
+markers): this loop only schedules.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from pipelines.pseudo_label import ShardResult, ShardTask
 
 PER_ACTOR = 2
 
 
-@dataclass
-class Attempts:
-    errors: list[dict] = field(default_factory=list)
+class JobAborted(RuntimeError):
+    """The run must stop (e.g. its job lease was lost to another driver)."""
 
 
 def describe(exc: BaseException) -> str:
     """One line for the failure of an attempt (the remote traceback stays in the logs)."""
     if isinstance(exc, RayTaskError):
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+        lines = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
     if isinstance(exc, RayActorError):
-        return f"worker died: {str(exc).strip().splitlines()[0]}"
+        lines = str(exc).strip().splitlines()
+        return f"worker died: {lines[0] if lines else type(exc).__name__}"
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_shards(
-    tasks: list[ShardTask],
-    new_actor: Callable[[], "ray.actor.ActorHandle"],
-    n_actors: int,
-    *,
-    max_attempts: int,
-    on_result: Callable[[ShardResult], None],
-    on_failure: Callable[[ShardTask, list[dict]], None],
-    on_tick: Callable[[dict], None] = lambda live: None,
-    tick_seconds: float = 1.0,
-) -> None:
-    queue = deque(tasks)
-    attempts: dict[str, Attempts] = {}
-    actors = [new_actor() for _ in range(n_actors)]
-    load: dict = {a: 0 for a in actors}
-    inflight: dict = {}                     # ObjectRef -> (task, actor, started)
-    next_tick = 0.0
+@dataclass
+class _Actor:
+    handle: object
+    ready_ref: object | None        # resolves once the models are loaded; None when ready
+    name: str = "starting"
+    load: int = 0
 
-    def submit(actor) -> None:
-        while queue and load[actor] < PER_ACTOR:
-            task = queue.popleft()
-            inflight[actor.label.remote(task)] = (task, actor, time.time())
-            load[actor] += 1
 
-    for a in actors:
-        submit(a)
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
-        for ref in ready:
-            task, actor, started = inflight.pop(ref)
-            load[actor] = load.get(actor, 1) - 1
+class Scheduler:
+    def __init__(self, new_actor: Callable[[], object], n_actors: int, *, max_attempts: int,
+                 on_result: Callable[[ShardResult], None],
+                 on_failure: Callable[[ShardTask, list[dict]], None],
+                 on_tick: Callable[[dict], None] = lambda live: None,
+                 on_event: Callable[[str], None] = lambda msg: None,
+                 should_stop: Callable[[], str | None] = lambda: None,
+                 tick_seconds: float = 1.0, start_timeout: float = 1800.0):
+        self.new_actor, self.n_actors, self.max_attempts = new_actor, n_actors, max_attempts
+        self.on_result, self.on_failure, self.on_tick, self.on_event = on_result, on_failure, on_tick, on_event
+        self.should_stop, self.tick_seconds, self.start_timeout = should_stop, tick_seconds, start_timeout
+        self.queue: deque[ShardTask] = deque()
+        self.errors: dict[str, list[dict]] = {}
+        self.actors: list[_Actor] = []
+        self.inflight: dict = {}            # ObjectRef -> (task, _Actor, started)
+        self.no_ready_since: float | None = None
+
+    # -- actors ---------------------------------------------------------------------
+    def _spawn(self) -> None:
+        handle = self.new_actor()
+        self.actors.append(_Actor(handle, handle.ready.remote()))
+
+    def _poll_starting(self) -> None:
+        for a in self.actors:
+            if a.ready_ref is None:
+                continue
+            done, _ = ray.wait([a.ready_ref], timeout=0)
+            if not done:
+                continue
             try:
-                on_result(ray.get(ref))
-            except (RayTaskError, RayActorError) as exc:
-                err = {"attempt": task.attempt, "error": describe(exc), "started": started,
-                       "ended": time.time()}
-                record = attempts.setdefault(task.name, Attempts())
-                record.errors.append(err)
-                if isinstance(exc, RayActorError) and actor in load:
-                    _replace(actor, actors, load, new_actor)
-                if task.attempt < max_attempts:
-                    queue.append(ShardTask(task.source, task.name, task.attempt + 1))
+                a.name = ray.get(a.ready_ref)
+                a.ready_ref = None
+            except RayError as exc:
+                # A worker that cannot load its models fails every shard: that is not retryable.
+                if isinstance(exc, RayTaskError):
+                    raise JobAborted(f"a worker could not start: {describe(exc)}") from None
+                self.actors.remove(a)
+                self.on_event(f"a starting worker died ({describe(exc)}); starting another")
+                self._spawn()
+
+    def _ready(self) -> list[_Actor]:
+        return [a for a in self.actors if a.ready_ref is None]
+
+    def _drop(self, actor: _Actor, why: str) -> None:
+        if actor in self.actors:
+            self.actors.remove(actor)
+            self.on_event(f"worker {actor.name} lost ({why}); its shards will be retried, starting a replacement")
+            self._spawn()
+
+    # -- shards ---------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        for a in sorted(self._ready(), key=lambda a: a.load):
+            while self.queue and a.load < PER_ACTOR:
+                task = self.queue.popleft()
+                self.inflight[a.handle.label.remote(task)] = (task, a, time.time())
+                a.load += 1
+
+    def _finished(self, ref) -> None:
+        task, actor, started = self.inflight.pop(ref)
+        actor.load -= 1
+        try:
+            self.on_result(ray.get(ref))
+            return
+        except (RayTaskError, RayActorError) as exc:
+            err = {"attempt": task.attempt, "error": describe(exc), "worker": actor.name,
+                   "started": started, "ended": time.time()}
+            if isinstance(exc, RayActorError):
+                self._drop(actor, err["error"])
+        errors = self.errors.setdefault(task.name, [])
+        errors.append(err)
+        if task.attempt < self.max_attempts:
+            self.on_event(f"shard {task.name} attempt {task.attempt}/{self.max_attempts} failed "
+                          f"({err['error']}); retrying")
+            self.queue.append(ShardTask(task.source, task.name, task.attempt + 1))
+        else:
+            self.on_failure(task, errors)
+
+    def run(self, tasks: list[ShardTask]) -> None:
+        self.queue.extend(tasks)
+        for _ in range(self.n_actors):
+            self._spawn()
+        next_tick = 0.0
+        try:
+            while self.queue or self.inflight:
+                why = self.should_stop()
+                if why:
+                    raise JobAborted(why)
+                self._poll_starting()
+                self._check_progress_possible()
+                self._dispatch()
+                refs = list(self.inflight)
+                if refs:
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=self.tick_seconds)
+                    for ref in ready:
+                        self._finished(ref)
                 else:
-                    on_failure(task, record.errors)
-            for a in list(load):
-                submit(a)
-        if time.time() >= next_tick:
-            next_tick = time.time() + tick_seconds
-            on_tick(_live(inflight))
+                    time.sleep(min(self.tick_seconds, 0.2))
+                if time.time() >= next_tick:
+                    next_tick = time.time() + self.tick_seconds
+                    self.on_tick(self._live())
+        finally:
+            self.shutdown()
 
+    def _check_progress_possible(self) -> None:
+        if self._ready() or self.inflight:
+            self.no_ready_since = None
+            return
+        self.no_ready_since = self.no_ready_since or time.time()
+        if time.time() - self.no_ready_since > self.start_timeout:
+            raise JobAborted(f"no worker could start for {self.start_timeout:.0f} s "
+                             "(does the cluster have the resources the workers ask for?)")
 
-def _replace(dead, actors, load, new_actor) -> None:
-    load.pop(dead, None)
-    if dead in actors:
-        actors.remove(dead)
-    fresh = new_actor()
-    actors.append(fresh)
-    load[fresh] = 0
+    def shutdown(self) -> None:
+        """Stop every actor: in-flight attempts are abandoned, and what they wrote never
+        becomes visible (their uploads are aborted now or by the next run's clean-up)."""
+        for a in self.actors:
+            try:
+                ray.kill(a.handle)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors.clear()
 
-
-def _live(inflight: dict) -> dict:
-    """Samples done so far in shards still in flight, keyed by shard name."""
-    out: dict = {}
-    polls = {}
-    for task, actor, _ in inflight.values():
-        if actor not in polls:
-            polls[actor] = actor.progress.remote()
-    try:
-        for p in ray.get(list(polls.values()), timeout=2):
-            shard = p.get("extra", {}).get("shard")
-            if shard:
-                out[shard] = p
-    except (GetTimeoutError, RayActorError, RayTaskError):
-        pass
-    return out
+    def _live(self) -> dict:
+        """Samples done so far in shards still in flight, keyed by shard name."""
+        polls = {}
+        for task, actor, _ in self.inflight.values():
+            if actor.handle not in polls:
+                polls[actor.handle] = actor.handle.progress.remote()
+        out: dict = {}
+        try:
+            for p in ray.get(list(polls.values()), timeout=2):
+                if p.get("extra", {}).get("shard"):
+                    out[p["extra"]["shard"]] = p
+        except (GetTimeoutError, RayError):
+            pass
+        return out

@@ -15,8 +15,9 @@ import ray
 
 from engine import job, plan as planning
 from engine.config import ConfigError, LabelConfig
-from engine.executor import run_shards
+from engine.executor import Scheduler
 from engine.inputs import InputError, expand
+from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
 from pipelines.models import ModelRef, ModelSourceError, id2label, resolve
@@ -108,7 +109,14 @@ def label(config: LabelConfig) -> Summary:
         spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher))
     except (InputError, ModelSourceError) as e:
         raise ConfigError(str(e)) from None
-    job.write(output, spec)
+    with JobLock(output, config.lease_seconds) as lock:
+        job.write(output, spec)
+        # Writes that no live job owns: a killed attempt's upload, a crashed writer's temp file.
+        output.abort_incomplete("", before=lock.acquired_at)
+        return _label_locked(config, output, shards, teacher, sky, lock, t0)
+
+
+def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
     todo = planning.plan(output, shards, retry_failed=config.retry_failed)
     summary = Summary(output=output.url, shards_total=todo.total, shards_skipped=len(todo.committed),
                       shards_failed=0 if config.retry_failed else len(todo.failed),
@@ -125,7 +133,7 @@ def label(config: LabelConfig) -> Summary:
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=config.threads,
                            torch_threads=torch_threads)
-        _run(config, output, todo.todo, wspec, n, options, summary)
+        _run(config, output, todo.todo, wspec, n, options, summary, lock)
     finally:
         if started:
             ray.shutdown()
@@ -133,12 +141,16 @@ def label(config: LabelConfig) -> Summary:
     return summary
 
 
-def _run(config, output, urls, wspec, n, options, summary) -> None:
+def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
     bar = ProgressBar(len(urls), enabled=config.progress)
     busy = {"model": 0.0, "actor": 0.0}
     t_start = time.time()
 
     def on_result(r: ShardResult) -> None:
+        if not r.committed:             # another attempt had committed it meanwhile
+            summary.shards_skipped += 1
+            bar.shard_done(r)
+            return
         summary.shards_committed += 1
         summary.samples_ok += r.ok
         summary.samples_error += r.errors
@@ -159,10 +171,12 @@ def _run(config, output, urls, wspec, n, options, summary) -> None:
         bar.shard_failed(task.name, errors[-1]["error"])
 
     tasks = [ShardTask(u, layout.shard_name(u)) for u in urls]
+    scheduler = Scheduler(
+        lambda: LabelActor.options(**options).remote(wspec), n, max_attempts=config.max_attempts,
+        on_result=on_result, on_failure=on_failure, on_tick=bar.live, on_event=bar.event,
+        should_stop=lambda: lock.lost and f"the job lease on {output.url} was lost: {lock.lost}")
     try:
-        run_shards(tasks, lambda: LabelActor.options(**options).remote(wspec), n,
-                   max_attempts=config.max_attempts, on_result=on_result,
-                   on_failure=on_failure, on_tick=bar.live)
+        scheduler.run(tasks)
     finally:
         bar.close()
     wall = time.time() - t_start

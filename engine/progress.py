@@ -32,6 +32,10 @@ class ProgressBar:
         self.bar.update(1)
         self._refresh()
 
+    def event(self, message: str) -> None:
+        """A line above the bar (worker lost, retry): what an operator needs to see."""
+        self.bar.write(message, file=sys.stderr)
+
     def live(self, inflight: dict) -> None:
         self.live_images = sum(p.get("samples", 0) for name, p in inflight.items()
                                if name not in self.finished)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
+from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
 from pipelines.decode import decode, sample_from_members
 from pipelines.encode import Encoded, encode
@@ -59,6 +61,7 @@ class ShardResult:
     worker: str = ""
     attempt: int = 1
     peak_rss_bytes: int = 0        # the worker process's peak, filled in by the executor
+    committed: bool = True         # False: another attempt had committed the shard already
 
 
 @dataclass
@@ -93,10 +96,12 @@ def label_shard(
     threads: int = 4,
     worker: str = "",
     progress: Progress | None = None,
+    claim: ClaimPolicy = ClaimPolicy(),
 ) -> ShardResult:
     """Label one input shard into ``output``: the tar is streamed out, completed, and only
-    then is the manifest part written (the commit record). Raises on a shard-level
-    failure (unreadable tar, storage error, model error), leaving nothing committed."""
+    then is the manifest part written (the commit record, see pipelines.commit). Raises on
+    a shard-level failure (unreadable tar, storage error, model error), leaving nothing
+    committed and no partial object visible."""
     t_start = time.perf_counter()
     progress = progress or Progress()
     result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
@@ -137,13 +142,13 @@ def label_shard(
                 sink.abandon()
                 raise
         result.tar_size = tar.close()
-        out.commit()
+        stamp = dt.datetime.now(dt.timezone.utc)
+        for row in rows:
+            row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind="pseudo",
+                       worker=worker, attempt=task.attempt, labeled_at=stamp)
+        owner = {"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}
+        result.committed = commit_shard(output, task.name, out, encode_part(rows), owner, claim)
 
-    stamp = dt.datetime.now(dt.timezone.utc)
-    for row in rows:
-        row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind="pseudo",
-                   worker=worker, attempt=task.attempt, labeled_at=stamp)
-    commit_manifest(output, task.name, rows)
     result.samples = len(rows)
     result.ok = sum(r["status"] == "ok" for r in rows)
     result.errors = result.samples - result.ok
@@ -157,9 +162,3 @@ def _model_step(batch, labelers, result, progress, submit) -> None:
     progress.model_seconds += seconds
     for s in batch:
         submit(s)
-
-
-def commit_manifest(output: ObjectStore, name: str, rows: list[dict]) -> None:
-    """The commit record, written last and only once: its presence means 'committed'."""
-    if not output.put(layout.manifest_key(name), encode_part(rows), if_absent=True):
-        raise RuntimeError(f"shard {name} was committed by another attempt meanwhile")

@@ -35,6 +35,14 @@ def failed_key(name: str) -> str:
     return f"{FAILED}{name}.json"
 
 
+def claim_prefix(name: str) -> str:
+    """Where the commit claims of one shard live (pipelines.commit)."""
+    return f"{LOCKS}shards/{name}/"
+
+
+JOB_LOCK = f"{LOCKS}job/"
+
+
 def name_from_key(key: str, directory: str, suffix: str) -> str | None:
     """'manifest/shard-1.parquet' -> 'shard-1' (None for anything else in that directory)."""
     if not key.startswith(directory) or not key.endswith(suffix):

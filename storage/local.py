@@ -201,6 +201,20 @@ class LocalStore:
                 st = entry.stat()
                 yield ObjectInfo(key, st.st_size, f"{st.st_mtime_ns}-{st.st_size}", st.st_mtime)
 
+    def abort_incomplete(self, prefix: str, before: float) -> int:
+        """Remove writers' temp files under `prefix` last touched before `before`: the
+        orphans of writers that died. Returns how many were removed."""
+        check_prefix(prefix)
+        top = os.path.join(self.root, *prefix.rstrip("/").split("/")) if prefix else self.root
+        n = 0
+        for dirpath, _, files in os.walk(top):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if _TEMP_NAME.match(name) and os.stat(path).st_mtime < before:
+                    _unlink_quietly(path)
+                    n += 1
+        return n
+
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         import pyarrow.fs  # noqa: F811 - imported lazily: pyarrow is heavy and not always needed
 

@@ -287,6 +287,20 @@ class S3Store:
     def delete(self, key: str) -> None:
         call("delete", self.url_of(key), client().delete_object, Bucket=self.bucket, Key=self.full_key(key))
 
+    def abort_incomplete(self, prefix: str, before: float) -> int:
+        """Abort multipart uploads under `prefix` initiated before `before` (epoch seconds):
+        the orphans of writers that died. Returns how many were aborted."""
+        full = self.prefix + check_prefix(prefix)
+        pages = client().get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
+        n = 0
+        for page in pages:
+            for up in page.get("Uploads", []):
+                if up["Initiated"].timestamp() < before:
+                    call("abort_incomplete", f"s3://{self.bucket}/{up['Key']}", client().abort_multipart_upload,
+                         Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        return n
+
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """pyarrow's S3 filesystem on the same endpoint; credentials come from its default chain.
 

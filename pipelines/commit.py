@@ -1,0 +1,79 @@
+"""The shard commit: make the tar visible, then write its manifest part, fenced so that
+no two attempts can leave a manifest part that disagrees with its tar.
+
+Attempts of one shard (a retry, a resumed job, a zombie that outlived its actor) all
+write the same ``shards/<name>.tar``. Whoever completes that object last wins it, so an
+attempt completes its tar only while it holds the shard's claim: a lease in
+``locks/shards/<name>/``, taken just before the tar is completed and held until the
+manifest part is written.
+1. Take the claim. If another live attempt holds it, wait until it is released or lapses.
+   If the manifest part shows up meanwhile, the shard is already committed.
+2. If the manifest part already exists, abort: the shard was committed by someone else.
+3. Check the claim (not lapsed, not taken over), complete the tar.
+4. Check again, write the manifest part create-only: the commit record.
+5. Release the claim.
+A claim lapses after ``ttl``, and a successor may take it only ``grace`` later. A holder
+that lapsed (paused, partitioned) fails its check and aborts, so the only unsafe case is
+a pause longer than ``grace`` between a check and the write right after it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from storage import layout
+from storage.leases import LeaseHeld, LeaseLost, acquire
+from storage.objectstore import ObjectStore, ObjectWriter
+
+
+class ShardConflict(RuntimeError):
+    """Another attempt's commit interfered with this one; this attempt wrote nothing visible."""
+
+
+@dataclass(frozen=True)
+class ClaimPolicy:
+    ttl: float = 300.0          # a holder must finish its commit within this
+    grace: float = 300.0        # a lapsed claim may be taken over only this much later
+    margin: float = 30.0        # a holder stops if less than this is left before a write
+    poll: float = 2.0
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+
+def commit_shard(output: ObjectStore, name: str, tar: ObjectWriter, part: bytes, owner: dict,
+                 policy: ClaimPolicy = ClaimPolicy()) -> bool:
+    """Complete ``tar`` and write the manifest part ``part``. Returns False (and aborts the
+    tar) when the shard turned out to be committed already by another attempt."""
+    manifest = layout.manifest_key(name)
+    claim = _take_claim(output, name, owner, policy)
+    if claim is None or output.info(manifest) is not None:
+        tar.abort()
+        if claim is not None:
+            claim.release()
+        return False
+    try:
+        claim.check(policy.margin)
+        tar.commit()
+        claim.check(policy.margin)
+        if not output.put(manifest, part, if_absent=True):
+            raise ShardConflict(f"shard {name}: a manifest part appeared while this attempt held the claim")
+    except LeaseLost as e:
+        tar.abort()
+        raise ShardConflict(f"shard {name}: {e}; this attempt's output was not committed") from None
+    claim.release()
+    return True
+
+
+def _take_claim(output, name, owner, policy):
+    deadline = policy.clock() + policy.ttl + policy.grace + 10 * policy.poll
+    while True:
+        try:
+            return acquire(output, layout.claim_prefix(name), owner, policy.ttl,
+                           grace=policy.grace, clock=policy.clock)
+        except LeaseHeld:
+            if output.info(layout.manifest_key(name)) is not None:
+                return None
+            if policy.clock() > deadline:
+                raise ShardConflict(f"shard {name}: its claim stayed held for longer than its lease")
+            policy.sleep(policy.poll)
