@@ -9,7 +9,7 @@ import os
 import sys
 
 from engine.config import DEFAULT_SKY, DEFAULT_TEACHER, DTYPES, ConfigError, LabelConfig
-from engine.executor import JobAborted
+from engine.errors import JobAborted
 from storage.objectstore import StorageError
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from engine.errors import ConfigError
+
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-
-
-class ConfigError(ValueError):
-    """A usage or configuration error: the CLI prints it on one line and exits 2."""
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,10 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from engine.errors import JobAborted
 from pipelines.pseudo_label import ShardResult, ShardTask
 
 PER_ACTOR = 2
-
-
-class JobAborted(RuntimeError):
-    """The run must stop (e.g. its job lease was lost to another driver)."""
 
 
 def describe(exc: BaseException) -> str:

@@ -72,11 +72,13 @@ def check_sky_model(ref: ModelRef) -> None:
 
 
 def start_ray(config: LabelConfig) -> bool:
-    """Attach to ``--ray-address`` or start a local Ray; True when we started it."""
+    """Attach to ``--ray-address`` (or RAY_ADDRESS, which a Ray job sets) or start a local
+    Ray; True when we started it."""
     if ray.is_initialized():
         return False
-    if config.ray_address:
-        ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")   # set inside a Ray job
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
         return False
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              configure_logging=False, num_cpus=os.cpu_count())
