@@ -5,6 +5,8 @@ What it measures today, in one run:
   synthetic shards: images/s and the fraction of actor time inside the models;
 - with ``--memory``: one worker's peak RSS labeling a shard of N images and one of 10 N
   images, each in a fresh worker, so a reader can see that memory is flat in shard size.
+- with ``--plan N``: resume planning time for an OUTPUT holding N committed shards
+  (placeholder manifest parts; planning reads listings only, never a part).
 Model load and cluster start are outside the steady-state figures (``label`` reports
 images/s over the shard work only).
 """
@@ -35,6 +37,8 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     workdir: str | None = None
+    plan: int = 0                         # committed shards for the planning figure
+    output: str | None = None             # where to build that OUTPUT (default: workdir)
 
     def __post_init__(self):
         if self.images < 1:
@@ -90,8 +94,37 @@ def machine() -> dict:
     return info
 
 
+def plan_figures(output_url: str, n: int) -> dict:
+    """Time resume planning over an OUTPUT with n committed shards (and n + n/10 inputs)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.plan import plan
+    from storage import layout
+    from storage.objectstore import open_store
+
+    out = open_store(output_url)
+    names = [f"shard-{i:07d}" for i in range(n)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda name: out.put(layout.manifest_key(name), b"\0"), names))
+    built = time.perf_counter() - t0
+    inputs = [f"s3://raw/{name}.tar" for name in names] + [f"s3://raw/new-{i:07d}.tar" for i in range(n // 10)]
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        p = plan(out, inputs)
+        times.append(time.perf_counter() - t0)
+    assert len(p.committed) == n and len(p.todo) == n // 10
+    return {"output": output_url, "committed_shards": n, "inputs": len(inputs),
+            "plan_seconds": sorted(times)[1], "plan_seconds_all": [round(t, 3) for t in times],
+            "build_seconds": round(built, 1)}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
+    if cfg.plan:
+        return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     teacher, sky, desc = _models(cfg, root / "models")
     report = {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher),
                                                "sky": desc.get("sky", sky or "none")}}
@@ -118,6 +151,11 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "plan" in r:
+        p = r["plan"]
+        print(f"planning: {p['plan_seconds']:.2f} s for {p['committed_shards']} committed shards "
+              f"({p['inputs']} inputs) in {p['output']}")
+        return
     print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}")
     e = r["end_to_end"]
     print(f"end to end: {e['images_per_second']:.2f} images/s over {e['samples_ok']} images, "

@@ -10,6 +10,7 @@ import sys
 
 from engine.config import DEFAULT_SKY, DEFAULT_TEACHER, DTYPES, ConfigError, LabelConfig
 from engine.errors import JobAborted
+from engine.progress import print_summary
 from storage.objectstore import StorageError
 
 
@@ -61,6 +62,9 @@ def build_parser() -> Parser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--dtype", default="auto", choices=list(DTYPES))
     b.add_argument("--workdir", default=None, metavar="DIR")
+    b.add_argument("--plan", type=int, default=0, metavar="N",
+                   help="only time resume planning over an OUTPUT with N committed shards")
+    b.add_argument("--output", default=None, metavar="URL", help="where --plan builds its OUTPUT")
     b.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
@@ -81,20 +85,6 @@ def _label(args) -> int:
     summary = label(config)
     print_summary(summary.to_json(), args.json)
     return summary.exit_code
-
-
-def print_summary(s: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(s, indent=2))
-        return
-    print(f"shards: {s['shards_committed']} committed now, {s['shards_skipped']} already committed, "
-          f"{s['shards_failed']} failed, of {s['shards_total']}")
-    print(f"samples: {s['samples_ok']} ok, {s['samples_error']} error")
-    print(f"{s['wall_seconds']:.1f} s, {s['images_per_second']:.2f} images/s, "
-          f"models busy {100 * s['model_busy_fraction']:.0f}% of actor time "
-          f"({s['workers']} worker(s) on {s['device'] or 'n/a'})")
-    if s["failed_shards"]:
-        print(f"failed: {', '.join(s['failed_shards'])} (see OUTPUT/failed/; rerun with --retry-failed)")
 
 
 def _status(args) -> int:
@@ -124,7 +114,7 @@ def _bench(args) -> int:
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, images=args.images, memory=args.memory,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        workdir=args.workdir, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+        workdir=args.workdir, plan=args.plan, output=args.output, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0

@@ -87,7 +87,7 @@ def demo_models() -> tuple[str, str, bool]:
 
 
 def run_demo(output: str, *, as_json: bool = False) -> int:
-    from engine.cli import print_summary
+    from engine.progress import print_summary
     from engine.label import label
 
     out = Path(output).resolve()

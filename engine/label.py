@@ -65,8 +65,11 @@ def teacher_input(ref: ModelRef) -> dict:
 
 
 def check_sky_model(ref: ModelRef) -> None:
-    names = {str(v).strip().lower() for v in id2label(ref).values()}
-    if "sky" not in names:
+    """Refuse a sky model without a sky class before any cluster time is spent (from its
+    config alone: the weights are not loaded on the driver)."""
+    from labelers.sky import sky_class_ids
+
+    if not sky_class_ids(id2label(ref)):
         raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "
                           "pass a segmentation model with a sky class, or --sky none")
 

@@ -1,6 +1,7 @@
 """The terminal progress bar: shards, images, images/s, ETA, errors (on stderr)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -48,3 +49,17 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def print_summary(s: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    print(f"shards: {s['shards_committed']} committed now, {s['shards_skipped']} already committed, "
+          f"{s['shards_failed']} failed, of {s['shards_total']}")
+    print(f"samples: {s['samples_ok']} ok, {s['samples_error']} error")
+    print(f"{s['wall_seconds']:.1f} s, {s['images_per_second']:.2f} images/s, "
+          f"models busy {100 * s['model_busy_fraction']:.0f}% of actor time "
+          f"({s['workers']} worker(s) on {s['device'] or 'n/a'})")
+    if s["failed_shards"]:
+        print(f"failed: {', '.join(s['failed_shards'])} (see OUTPUT/failed/; rerun with --retry-failed)")

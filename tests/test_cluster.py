@@ -139,8 +139,8 @@ def test_an_actor_killed_mid_shard_and_a_second_label_refused(env, job):
     assert max(r["attempt"] for r in rows(out)) >= 2         # the killed shard was retried
 
 
-def test_driver_killed_then_rerun_resumes_without_rewriting(env, job):
-    inp, out, _ = job
+def test_driver_killed_then_rerun_resumes_without_rewriting(env, job, s3_server):
+    inp, out, bucket = job
     p = start(env, inp, out)
     wait_commits(out, 2, p)
     p.send_signal(signal.SIGKILL)
@@ -157,6 +157,8 @@ def test_driver_killed_then_rerun_resumes_without_rewriting(env, job):
     for part in committed:                                    # not rewritten by the resume
         name = part[: -len(".parquet")]
         assert after[part] == before[part] and tars[f"{name}.tar"] == before[f"tar:{name}.tar"]
+    # the killed attempts' multipart uploads were cleaned up by the rerun
+    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
 def test_a_garbage_shard_fails_alone_then_retry_failed_commits_it(env, job, s3_server):

@@ -160,3 +160,32 @@ def test_label_s3_brace_input_teacher_from_bucket(tmp_path, tiny_models, s3_buck
     job = json.loads(s3.get_object(Bucket=s3_bucket, Key="labeled/job.json")["Body"].read())
     assert job["label"]["teacher"]["kind"] == "s3"
     assert job["label"]["teacher"]["sha256"] == resolve(tiny_models.teacher).sha256
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_models):
+    import signal
+    import time
+
+    from helpers_output import check_agreement
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(6):
+        write_shard(raw / f"shard-{i:06d}.tar", photo_samples([(64, 96)] * 6, prefix=f"k{i}-"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "engine", "label", f"{raw}/", str(out), "--teacher", tiny_models.teacher,
+           "--sky", tiny_models.sky, "--workers", "1", "--batch-size", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list((out / "manifest").glob("*.parquet")) and time.time() - t0 < 240:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "run the same command again to resume" in err.lower() and "Traceback" not in err
+    done = check_agreement(str(out))["committed"]           # nothing half-written is referenced
+    assert 1 <= done <= 6
+    again = run("label", *cmd[4:], "--json", check=0)
+    assert json.loads(again.stdout)["shards_skipped"] == done
+    assert check_agreement(str(out))["committed"] == 6
+    assert not [f for f in out.rglob("*") if ".tmp-" in f.name]    # interrupted writes cleaned up
