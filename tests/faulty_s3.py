@@ -20,7 +20,7 @@ class FaultyS3:
         self.upstream = (u.hostname, u.port)
         self.throttle_every = 0      # every Nth request answers 503 SlowDown (0: never)
         self.cut_every = 0           # every Nth object GET is cut off halfway (0: never)
-        self.requests = self.throttled = self.cut = 0
+        self.requests = self.throttled = self.cut = self.object_gets = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -37,8 +37,6 @@ class FaultyS3:
                     proxy.requests += 1
                     n = proxy.requests
                     throttle = proxy.throttle_every and n % proxy.throttle_every == 0
-                    cut = (self.command == "GET" and "?" not in self.path and proxy.cut_every
-                           and n % proxy.cut_every == 0)
                 if throttle:
                     proxy.throttled += 1
                     self.send_response(503)
@@ -59,7 +57,12 @@ class FaultyS3:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if cut and resp.status == 200 and len(data) > 1024:
+                is_object = (self.command == "GET" and resp.status in (200, 206) and len(data) > 1024
+                             and "xml" not in (resp.getheader("Content-Type") or ""))
+                with proxy._lock:
+                    proxy.object_gets += is_object
+                    cut = is_object and proxy.cut_every and proxy.object_gets % proxy.cut_every == 0
+                if cut:
                     proxy.cut += 1
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()

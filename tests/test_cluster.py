@@ -188,7 +188,7 @@ def test_a_garbage_shard_fails_alone_then_retry_failed_commits_it(env, job, s3_s
 
 def test_throttling_and_cut_downloads_cost_no_attempt(env, job):
     inp, out, _ = job
-    env.proxy.faults(throttle_every=6, cut_every=5)
+    env.proxy.faults(throttle_every=6, cut_every=3)
     before = (env.proxy.throttled, env.proxy.cut)
     try:
         code, stdout, stderr = finish(start(env, inp, out))
