@@ -30,6 +30,9 @@ class LabelConfig:
     progress: bool = True
     # The job lease (one label per OUTPUT): a dead driver's lease lapses after this long.
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_LEASE_SECONDS", 60)))
+    # A shard's commit claim (pipelines.commit): a retry waits at most about twice this when
+    # an attempt died inside its commit. Must leave room for completing one upload.
+    claim_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_CLAIM_SECONDS", 60)))
 
     def __post_init__(self):
         if not self.input:
@@ -48,6 +51,8 @@ class LabelConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.dtype in ("fp16", "bf16") and self.device == "cpu":
             raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+        if self.claim_seconds < 4:
+            raise ConfigError(f"the shard claim must be >= 4 s, got {self.claim_seconds}")
         if self.lease_seconds <= 0:
             raise ConfigError(f"the job lease must be > 0 s, got {self.lease_seconds}")
         if self.threads < 1:

@@ -137,7 +137,7 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
         wspec = WorkerSpec(output=output.url, teacher=config.teacher, teacher_sha256=teacher.sha256,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=config.threads,
-                           torch_threads=torch_threads)
+                           torch_threads=torch_threads, claim_seconds=config.claim_seconds)
         _run(config, output, todo.todo, wspec, n, options, summary, lock)
     finally:
         if started:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from pipelines.commit import ClaimPolicy
 from pipelines.models import resolve
 from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
 from storage.objectstore import open_store
@@ -30,6 +31,7 @@ class WorkerSpec:
     batch_size: int = 8
     threads: int = 4
     torch_threads: int | None = None
+    claim_seconds: float = 60.0
 
 
 def _check_same_weights(source: str, found: str, expected: str) -> None:
@@ -79,7 +81,8 @@ class LabelActor:
     def label(self, task: ShardTask) -> ShardResult:
         self.live = Progress(extra={"shard": task.name})
         result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
-                             threads=self.spec.threads, worker=self.name, progress=self.live)
+                             threads=self.spec.threads, worker=self.name, progress=self.live,
+                             claim=ClaimPolicy.of(self.spec.claim_seconds))
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         return result
 

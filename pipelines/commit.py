@@ -33,12 +33,17 @@ class ShardConflict(RuntimeError):
 
 @dataclass(frozen=True)
 class ClaimPolicy:
-    ttl: float = 300.0          # a holder must finish its commit within this
-    grace: float = 300.0        # a lapsed claim may be taken over only this much later
-    margin: float = 30.0        # a holder stops if less than this is left before a write
+    ttl: float = 60.0           # a holder must finish its commit within this
+    grace: float = 60.0         # a lapsed claim may be taken over only this much later
+    margin: float = 15.0        # a holder stops if less than this is left before a write
     poll: float = 2.0
     clock: Callable[[], float] = field(default=time.time, repr=False)
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    @classmethod
+    def of(cls, seconds: float) -> "ClaimPolicy":
+        """ttl = grace = seconds, margin a quarter of it."""
+        return cls(ttl=seconds, grace=seconds, margin=seconds / 4, poll=min(2.0, seconds / 4))
 
 
 def commit_shard(output: ObjectStore, name: str, tar: ObjectWriter, part: bytes, owner: dict,

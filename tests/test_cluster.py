@@ -36,6 +36,7 @@ class Env:
 
     def env(self) -> dict:
         return {**os.environ, "AWS_ENDPOINT_URL": self.proxy.url, "DEPTH_ENGINE_LEASE_SECONDS": "20",
+                "DEPTH_ENGINE_CLAIM_SECONDS": "8",
                 "DEPTH_ENGINE_CACHE": str(self.tmp / "cache"), "HF_HUB_OFFLINE": "1"}
 
 
@@ -83,7 +84,12 @@ def start(env, inp, out, *extra):
 
 
 def finish(p, timeout=300):
-    out, err = p.communicate(timeout=timeout)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()                  # never leave a driver holding the cluster for the next test
+        out, err = p.communicate()
+        raise AssertionError(f"label did not finish in {timeout} s: {err[-3000:]}") from None
     return p.returncode, out, err
 
 

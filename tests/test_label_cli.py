@@ -189,3 +189,19 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_models):
     assert json.loads(again.stdout)["shards_skipped"] == done
     assert check_agreement(str(out))["committed"] == 6
     assert not [f for f in out.rglob("*") if ".tmp-" in f.name]    # interrupted writes cleaned up
+
+
+def test_demo_runs_offline_and_writes_spec_output(tmp_path):
+    """The README's first command: offline it falls back to random models and says so."""
+    from helpers_output import check_agreement
+
+    out = tmp_path / "demo"
+    p = run("demo", str(out), "--json", check=0)
+    assert "random-weight models" in p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["shards_committed"] == 2 and summary["samples_ok"] >= 8 and summary["samples_error"] == 0
+    counts = check_agreement(str(out))
+    assert counts["ok"] == summary["samples_ok"]
+    table = ds.dataset(str(out / "manifest"), format="parquet").to_table()
+    check_output_shards({p.name: p.read_bytes() for p in (out / "shards").iterdir()}, table)
+    assert (tmp_path / "demo-input").is_dir()
