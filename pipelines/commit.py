@@ -9,12 +9,13 @@ manifest part is written.
 1. Take the claim. If another live attempt holds it, wait until it is released or lapses.
    If the manifest part shows up meanwhile, the shard is already committed.
 2. If the manifest part already exists, abort: the shard was committed by someone else.
-3. Check the claim (not lapsed, not taken over), complete the tar.
-4. Check again, write the manifest part create-only: the commit record.
+3. Renew the claim (which fails if it lapsed or was taken over), complete the tar.
+4. Renew again, write the manifest part create-only: the commit record.
 5. Release the claim.
-A claim lapses after ``ttl``, and a successor may take it only ``grace`` later. A holder
-that lapsed (paused, partitioned) fails its check and aborts, so the only unsafe case is
-a pause longer than ``grace`` between a check and the write right after it.
+A claim lapses ``ttl`` after its last renewal, and a successor may take it only ``grace``
+later. A holder that lapsed (paused, partitioned) fails its renewal and aborts. So the only
+unsafe case is one write (with its retries) that outlasts ``ttl + grace`` after the
+renewal before it.
 """
 from __future__ import annotations
 
@@ -35,15 +36,14 @@ class ShardConflict(RuntimeError):
 class ClaimPolicy:
     ttl: float = 60.0           # a holder must finish its commit within this
     grace: float = 60.0         # a lapsed claim may be taken over only this much later
-    margin: float = 15.0        # a holder stops if less than this is left before a write
     poll: float = 2.0
     clock: Callable[[], float] = field(default=time.time, repr=False)
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
     @classmethod
     def of(cls, seconds: float) -> "ClaimPolicy":
-        """ttl = grace = seconds, margin a quarter of it."""
-        return cls(ttl=seconds, grace=seconds, margin=seconds / 4, poll=min(2.0, seconds / 4))
+        """ttl = grace = seconds."""
+        return cls(ttl=seconds, grace=seconds, poll=min(2.0, seconds / 4))
 
 
 def commit_shard(output: ObjectStore, name: str, tar: ObjectWriter, part: bytes, owner: dict,
@@ -58,9 +58,9 @@ def commit_shard(output: ObjectStore, name: str, tar: ObjectWriter, part: bytes,
             claim.release()
         return False
     try:
-        claim.check(policy.margin)
+        claim.renew()                     # checks it is still ours, then a full ttl for the write
         tar.commit()
-        claim.check(policy.margin)
+        claim.renew()
         if not output.put(manifest, part, if_absent=True):
             raise ShardConflict(f"shard {name}: a manifest part appeared while this attempt held the claim")
     except LeaseLost as e:

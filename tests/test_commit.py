@@ -79,7 +79,7 @@ def _tar(store, name, payload: bytes):
 
 
 def test_commit_writes_tar_then_manifest_and_refuses_a_second_commit(store):
-    policy = ClaimPolicy(ttl=60, grace=60, margin=5, poll=1)
+    policy = ClaimPolicy(ttl=60, grace=60, poll=1)
     assert commit_shard(store, "s1", _tar(store, "s1", b"tar-A"), b"part-A", {"a": 1}, policy)
     assert store.get(layout.shard_key("s1")) == b"tar-A"
     assert store.get(layout.manifest_key("s1")) == b"part-A"
@@ -112,7 +112,7 @@ def test_a_zombie_that_wakes_after_its_claim_lapsed_cannot_commit(store):
     """Attempt A takes its claim, then stalls past ttl + grace (a paused process, a
     partitioned node). Attempt B takes over and commits. A wakes: its check fails, it aborts."""
     clock = Clock()
-    policy = ClaimPolicy(ttl=60, grace=60, margin=5, poll=5, clock=clock, sleep=clock.sleep)
+    policy = ClaimPolicy(ttl=60, grace=60, poll=5, clock=clock, sleep=clock.sleep)
 
     def b_commits():
         clock.t += 60 + 60 + 1
@@ -128,7 +128,7 @@ def test_a_zombie_that_wakes_after_its_claim_lapsed_cannot_commit(store):
 def test_a_waiting_attempt_takes_over_a_lapsed_claim(store):
     """A claim left by a crashed attempt (no manifest) is taken over after ttl + grace."""
     clock = Clock()
-    policy = ClaimPolicy(ttl=60, grace=60, margin=5, poll=5, clock=clock, sleep=clock.sleep)
+    policy = ClaimPolicy(ttl=60, grace=60, poll=5, clock=clock, sleep=clock.sleep)
     acquire(store, layout.claim_prefix("s3"), {"a": "crashed"}, 60, clock=clock)
     assert commit_shard(store, "s3", _tar(store, "s3", b"tar-B"), b"part-B", {"a": "B"}, policy)
     assert clock.t >= 1000 + 120
