@@ -142,7 +142,7 @@ def test_an_actor_killed_mid_shard_and_a_second_label_refused(env, job):
     code, stdout, stderr = finish(p)
     assert code == 0, stderr[-3000:]
     assert_complete(out)
-    assert max(r["attempt"] for r in rows(out)) >= 2         # the killed shard was retried
+    assert "lost (worker died" in stderr and "retrying" in stderr    # its shards went elsewhere
 
 
 def test_driver_killed_then_rerun_resumes_without_rewriting(env, job, s3_server):
