@@ -67,6 +67,11 @@ def build_parser() -> Parser:
     b.add_argument("--output", default=None, metavar="URL", help="where --plan builds its OUTPUT")
     b.add_argument("--json", action="store_true")
 
+    au = sub.add_parser("audit", help="manifest statistics and suspect samples/shards of OUTPUT")
+    au.add_argument("output", metavar="OUTPUT")
+    au.add_argument("--json", action="store_true")
+    au.add_argument("--html", default=None, metavar="FILE", help="also write a self-contained HTML report")
+
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
     demo.add_argument("--json", action="store_true")
@@ -101,6 +106,45 @@ def _status(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from engine import job
+    from pipelines.audit import audit
+    from storage.objectstore import open_store
+
+    output = open_store(args.output)
+    if job.read(output) is None and not any(True for _ in output.list("manifest/")):
+        raise ConfigError(f"{output.url} has no job.json and no manifest/: not a depth-engine OUTPUT")
+    report = audit(output)
+    if args.html:
+        from pipelines.audit_html import write_html
+
+        write_html(report, output, args.html)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_audit(report)
+    return 0
+
+
+def print_audit(r: dict) -> None:
+    s = r["shards"]
+    print(f"{r['samples']} samples: {r['ok']} ok, {r['errors']} errors; shards: {s['committed']} committed, "
+          f"{s['failed']} failed, {s['pending']} pending of {s['total']}")
+    for reason, n in list(r["errors_by_reason"].items())[:10]:
+        print(f"  {n:>8}  {reason}")
+    sky, rng = r["sky_fraction"], r["disparity"]["raw_range"]
+    if sky["count"]:
+        print(f"sky fraction: mean {sky['mean']:.3f}, p50 {sky['p50']:.3f}, p95 {sky['p95']:.3f}")
+    if rng["count"]:
+        print(f"raw disparity range: p50 {rng['p50']:.4g}, p95 {rng['p95']:.4g}; "
+              f"degenerate labels: {r['disparity']['degenerate']}")
+    for kind, f in r["flags"]["samples"].items():
+        if f["count"]:
+            print(f"flagged {kind}: {f['count']} samples, e.g. {f['samples'][0]['shard']}/{f['samples'][0]['key']}")
+    for sh in r["flags"]["shards"]["high_error_rate"]:
+        print(f"flagged shard {sh['shard']}: error rate {sh['error_rate']:.1%}")
+
+
 def _demo(args) -> int:
     from engine.demo import run_demo
 
@@ -120,7 +164,7 @@ def _bench(args) -> int:
     return 0
 
 
-COMMANDS = {"label": _label, "status": _status, "bench": _bench, "demo": _demo}
+COMMANDS = {"label": _label, "status": _status, "audit": _audit, "bench": _bench, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,14 +16,9 @@ class Plan:
     total: int
 
 
-def listed_names(output: ObjectStore, directory: str, suffix: str) -> set[str]:
-    names = (layout.name_from_key(o.key, directory, suffix) for o in output.list(directory))
-    return {n for n in names if n}
-
-
 def plan(output: ObjectStore, shards: list[str], *, retry_failed: bool = False) -> Plan:
-    committed = listed_names(output, layout.MANIFEST, ".parquet")
-    failed = listed_names(output, layout.FAILED, ".json") - committed
+    committed = layout.listed_names(output, layout.MANIFEST, ".parquet")
+    failed = layout.listed_names(output, layout.FAILED, ".json") - committed
     skip = committed | (set() if retry_failed else failed)
     names = [(layout.shard_name(u), u) for u in shards]
     return Plan(

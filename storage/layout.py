@@ -49,3 +49,9 @@ def name_from_key(key: str, directory: str, suffix: str) -> str | None:
         return None
     name = key[len(directory):-len(suffix)]
     return name if name and "/" not in name else None
+
+
+def listed_names(store, directory: str, suffix: str) -> set[str]:
+    """Names with an object in ``directory`` (one listing, nothing read)."""
+    names = (name_from_key(o.key, directory, suffix) for o in store.list(directory))
+    return {n for n in names if n}

@@ -1,0 +1,115 @@
+"""``audit`` recomputed independently from the manifest (pyarrow + numpy) on an OUTPUT
+with errors, several shards, a failed and a pending shard, and suspect samples."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from builders import bad_members, encode, photo_samples, write_shard
+from labelers.sky import SkySegmenter
+from labelers.teacher import Teacher
+from pipelines.audit import audit
+from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+from storage import layout
+from storage.objectstore import open_store
+
+
+@pytest.fixture(scope="module")
+def output(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    labelers = Labelers(Teacher.load(tiny_models.teacher, name="t"), SkySegmenter.load(tiny_models.sky, name="s"))
+    out = open_store(str(tmp / "out"))
+    sky_blue = np.full((80, 100, 3), (90, 150, 235), np.uint8)
+    shards = {
+        "a": photo_samples([(96, 128), (128, 96), (100, 100)] * 3, "a"),
+        "b": photo_samples([(40, 50), (90, 120)], "b") + [{"__key__": "allsky", "jpg": encode(sky_blue, "JPEG")}],
+        "c": [{"__key__": k, ext: data} for k, (ext, data) in bad_members().items()]
+             + photo_samples([(70, 90)], "c"),
+    }
+    for name, samples in shards.items():
+        src = write_shard(tmp / f"{name}.tar", samples)
+        label_shard(ShardTask(src, name), labelers, out, batch_size=4, threads=2)
+    out.put(layout.failed_key("d"), json.dumps({"shard": "d", "error": "x", "attempts": 3}).encode())
+    out.put(layout.JOB, json.dumps({"shards": [f"/in/{n}.tar" for n in "abcde"]}).encode())
+    return tmp / "out"
+
+
+def q(values, p):
+    return float(np.quantile(values, p, method="inverted_cdf"))
+
+
+def test_every_figure_matches_an_independent_computation(output):
+    r = audit(open_store(str(output)))
+    t = ds.dataset(str(output / "manifest"), format="parquet").to_table().to_pylist()
+    ok = [x for x in t if x["status"] == "ok"]
+    assert (r["samples"], r["ok"], r["errors"]) == (len(t), len(ok), len(t) - len(ok))
+    reasons: dict = {}
+    for x in t:
+        if x["status"] == "error":
+            k = re.sub(r"\d+", "N", x["error"])
+            reasons[k] = reasons.get(k, 0) + 1
+    assert r["errors_by_reason"] == reasons and sum(reasons.values()) == 3
+    assert r["shards"] == {"total": 5, "committed": 3, "failed": 1, "pending": 1}
+
+    sky = np.array([x["sky_fraction"] for x in ok])
+    s = r["sky_fraction"]
+    assert s["count"] == len(ok) and s["mean"] == pytest.approx(sky.mean(), abs=1e-6)
+    assert s["p50"] == pytest.approx(q(sky, 0.5), abs=1e-4) and s["p95"] == pytest.approx(q(sky, 0.95), abs=1e-4)
+    counts, edges = np.histogram(sky, bins=20, range=(0, 1))
+    assert s["histogram"]["counts"] == counts.tolist() and s["histogram"]["edges"] == pytest.approx(edges)
+
+    rng = np.array([x["disp_max"] - x["disp_min"] for x in ok if x["disp_max"] is not None])
+    d = r["disparity"]["raw_range"]
+    assert d["mean"] == pytest.approx(rng.mean(), rel=1e-5)
+    assert d["p50"] == pytest.approx(q(rng, 0.5), rel=3e-3) and d["p95"] == pytest.approx(q(rng, 0.95), rel=3e-3)
+    for p in ("disp_p05", "disp_p50", "disp_p95"):
+        v = np.array([x[p] for x in ok if x[p] is not None])
+        got = r["disparity"][p.replace("disp", "label")]
+        assert got["count"] == len(v) and got["mean"] == pytest.approx(v.mean(), abs=1e-6)
+        assert got["p50"] == pytest.approx(q(v, 0.5), abs=1e-4)
+    assert r["disparity"]["degenerate"] == sum(x["degenerate"] for x in ok) >= 1
+
+    for side in ("width", "height"):
+        v = np.array([x[side] for x in ok])
+        assert r[side] == {"count": len(v), "min": v.min(), "p50": q(v, 0.5), "p95": q(v, 0.95),
+                           "max": v.max(), "mean": pytest.approx(v.mean())}
+
+    per = {}
+    for x in t:
+        e = per.setdefault(x["shard"], {"shard": x["shard"], "samples": 0, "ok": 0, "errors": 0, "sky": []})
+        e["samples"] += 1
+        e["ok" if x["status"] == "ok" else "errors"] += 1
+        if x["status"] == "ok":
+            e["sky"].append(x["sky_fraction"])
+    want = [{**{k: v for k, v in e.items() if k != "sky"},
+             "sky_fraction_mean": pytest.approx(np.mean(e["sky"])) if e["sky"] else None}
+            for _, e in sorted(per.items())]
+    assert r["per_shard"] == want
+
+
+def test_flags_name_the_suspect_samples_and_shards(output):
+    r = audit(open_store(str(output)))
+    flags = r["flags"]["samples"]
+    keys = lambda kind: {f["key"] for f in flags[kind]["samples"]}  # noqa: E731
+    assert "b0000" in keys("tiny_image") and flags["tiny_image"]["count"] == 1       # 40 x 50
+    assert "allsky" in keys("all_sky") and "allsky" in keys("constant_disparity")
+    rows = ds.dataset(str(output / "manifest"), format="parquet").to_table().to_pylist()
+    assert flags["all_sky"]["count"] == sum(x["status"] == "ok" and x["sky_fraction"] >= 0.99 for x in rows)
+    # shard c: 3 errors of 4 samples, far above the job's rate
+    assert [s["shard"] for s in r["flags"]["shards"]["high_error_rate"]] == ["c.tar"]
+
+
+def test_audit_cli_json_equals_the_api(output):
+    p = subprocess.run([sys.executable, "-m", "engine", "audit", str(output), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == json.loads(json.dumps(audit(open_store(str(output)))))
+    bad = subprocess.run([sys.executable, "-m", "engine", "audit", str(output / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a depth-engine OUTPUT" in bad.stderr
