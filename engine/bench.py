@@ -5,6 +5,7 @@ What it measures today, in one run:
   synthetic shards: images/s and the fraction of actor time inside the models;
 - with ``--memory``: one worker's peak RSS labeling a shard of N images and one of 10 N
   images, each in a fresh worker, so a reader can see that memory is flat in shard size.
+- with ``--audit N``: ``audit --json`` time and peak memory over a synthetic manifest of N rows;
 - with ``--plan N``: resume planning time for an OUTPUT holding N committed shards
   (placeholder manifest parts; planning reads listings only, never a part).
 Model load and cluster start are outside the steady-state figures (``label`` reports
@@ -38,6 +39,7 @@ class BenchConfig:
     dtype: str = "auto"
     workdir: str | None = None
     plan: int = 0                         # committed shards for the planning figure
+    audit: int = 0                        # manifest rows for the audit figure
     output: str | None = None             # where to build that OUTPUT (default: workdir)
 
     def __post_init__(self):
@@ -121,8 +123,76 @@ def plan_figures(output_url: str, n: int) -> dict:
             "build_seconds": round(built, 1)}
 
 
+def synthetic_manifest(output_url: str, rows: int, parts: int = 1000, seed: int = 0) -> None:
+    """``parts`` manifest parts totalling ``rows`` plausible rows (2 % errors), written
+    directly: the audit benchmark needs a manifest, not labels."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage import layout
+    from storage.manifest import SCHEMA
+    from storage.objectstore import open_store
+
+    out = open_store(output_url)
+    rng = np.random.default_rng(seed)
+    per = rows // parts
+    for i in range(parts):
+        n = per + (1 if i < rows % parts else 0)
+        ok = rng.random(n) > 0.02
+        lo = rng.random(n).astype(np.float32)
+        cols = {
+            "key": pa.array([f"k{i:05d}-{j:06d}" for j in range(n)]),
+            "shard": pa.array([f"shard-{i:06d}.tar"] * n),
+            "source": pa.array([f"s3://raw/shard-{i:06d}.tar"] * n),
+            "status": pa.array(np.where(ok, "ok", "error")),
+            "error": pa.array(np.where(ok, None, rng.choice(
+                ["cannot decode image: image file is truncated (12 bytes not processed)", "empty image member"], n))),
+            "width": pa.array(rng.choice([640, 500, 1024, 1280, 48], n).astype(np.int32)),
+            "height": pa.array(rng.choice([480, 375, 768, 720, 60], n).astype(np.int32)),
+            "sky_fraction": pa.array(np.clip(rng.beta(0.5, 2.0, n), 0, 1).astype(np.float32)),
+            "disp_min": pa.array(lo), "disp_max": pa.array(lo + rng.gamma(2.0, 5.0, n).astype(np.float32)),
+            "degenerate": pa.array(rng.random(n) < 0.001),
+            "disp_p05": pa.array(rng.random(n).astype(np.float32) * 0.1),
+            "disp_p50": pa.array(rng.random(n).astype(np.float32) * 0.5 + 0.2),
+            "disp_p95": pa.array(rng.random(n).astype(np.float32) * 0.1 + 0.85),
+        }
+        arrays = [cols[f.name].cast(f.type) if f.name in cols else pa.nulls(n, f.type) for f in SCHEMA]
+        table = pa.Table.from_arrays(arrays, schema=SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        out.put(layout.manifest_key(f"shard-{i:06d}"), buf.getvalue())
+
+
+def audit_figures(output_url: str, rows: int) -> dict:
+    """Time ``depth-engine audit --json`` over a synthetic manifest of ``rows`` rows, in a
+    child process so its peak RSS is its own."""
+    import json
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    synthetic_manifest(output_url, rows)
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "engine", "audit", output_url, "--json"],
+                       capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    report = json.loads(p.stdout)
+    assert report["samples"] == rows
+    return {"output": output_url, "rows": rows, "audit_seconds": round(seconds, 2),
+            "audit_peak_rss_mb": round(peak, 1), "build_seconds": round(built, 1)}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
+    if cfg.audit:
+        return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     teacher, sky, desc = _models(cfg, root / "models")
@@ -151,6 +221,10 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "audit" in r:
+        a = r["audit"]
+        print(f"audit: {a['audit_seconds']:.1f} s, peak RSS {a['audit_peak_rss_mb']:.0f} MiB for {a['rows']} rows")
+        return
     if "plan" in r:
         p = r["plan"]
         print(f"planning: {p['plan_seconds']:.2f} s for {p['committed_shards']} committed shards "

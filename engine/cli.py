@@ -64,13 +64,21 @@ def build_parser() -> Parser:
     b.add_argument("--workdir", default=None, metavar="DIR")
     b.add_argument("--plan", type=int, default=0, metavar="N",
                    help="only time resume planning over an OUTPUT with N committed shards")
-    b.add_argument("--output", default=None, metavar="URL", help="where --plan builds its OUTPUT")
+    b.add_argument("--audit", type=int, default=0, metavar="ROWS",
+                   help="only time `audit --json` over a synthetic manifest of ROWS rows")
+    b.add_argument("--output", default=None, metavar="URL", help="where --plan/--audit build their OUTPUT")
     b.add_argument("--json", action="store_true")
 
     au = sub.add_parser("audit", help="manifest statistics and suspect samples/shards of OUTPUT")
     au.add_argument("output", metavar="OUTPUT")
     au.add_argument("--json", action="store_true")
     au.add_argument("--html", default=None, metavar="FILE", help="also write a self-contained HTML report")
+
+    ver = sub.add_parser("verify", help="re-read every committed shard and check it against its manifest part")
+    ver.add_argument("output", metavar="OUTPUT")
+    ver.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="shards checked at once (default: up to 8)")
+    ver.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
@@ -145,6 +153,33 @@ def print_audit(r: dict) -> None:
         print(f"flagged shard {sh['shard']}: error rate {sh['error_rate']:.1%}")
 
 
+def _verify(args) -> int:
+    from pipelines.verify import NotAnOutput, verify
+    from storage.objectstore import open_store
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    try:
+        store = open_store(args.output)
+    except ValueError as e:  # a URL no store can open
+        raise ConfigError(str(e)) from None
+    try:
+        result = verify(store, workers=args.workers)
+    except NotAnOutput as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.ok:
+        print(f"{result.checked} shards checked, all agree")
+    else:
+        print(f"{result.checked} shards checked, {len(result.bad)} disagree with their manifest part:")
+        for bad in result.bad:
+            print(f"  {bad.shard}:")
+            for problem in bad.problems:
+                print(f"    {problem}")
+    return 0 if result.ok else 1
+
+
 def _demo(args) -> int:
     from engine.demo import run_demo
 
@@ -158,13 +193,13 @@ def _bench(args) -> int:
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, images=args.images, memory=args.memory,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        workdir=args.workdir, plan=args.plan, output=args.output, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+        workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0
 
 
-COMMANDS = {"label": _label, "status": _status, "audit": _audit, "bench": _bench, "demo": _demo}
+COMMANDS = {"label": _label, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

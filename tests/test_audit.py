@@ -113,3 +113,52 @@ def test_audit_cli_json_equals_the_api(output):
     bad = subprocess.run([sys.executable, "-m", "engine", "audit", str(output / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a depth-engine OUTPUT" in bad.stderr
+
+
+def test_html_report_is_self_contained_and_its_pictures_decode(output, tmp_path):
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    page = tmp_path / "audit.html"
+    p = subprocess.run([sys.executable, "-m", "engine", "audit", str(output), "--html", str(page)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.svgs, self.text, self.external = [], 0, [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.imgs.append(a)
+            if tag == "svg":
+                self.svgs += 1
+            for k in ("src", "href"):
+                if k in a and not a[k].startswith("data:"):
+                    self.external.append(a[k])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    c = Collect()
+    c.feed(page.read_text())
+    text = " ".join(c.text)
+    assert not c.external                                   # opens with no network
+    r = audit(open_store(str(output)))
+    assert str(r["samples"]) in text and "random draw" in text and "all sky" in text and "tiny image" in text
+    assert c.svgs >= 5                                       # sky, range, label, errors, per shard
+    kinds = {}
+    for img in c.imgs:
+        kind = img["alt"].split(" of ")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        header, b64 = img["src"].split(",", 1)
+        assert header == "data:image/png;base64"
+        pic = Image.open(io.BytesIO(base64.b64decode(b64)))
+        pic.load()
+        assert min(pic.size) > 0
+    assert kinds["image"] == kinds["disp"] == kinds["sky"] >= 3     # triplets
