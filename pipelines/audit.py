@@ -138,7 +138,7 @@ class _Audit:
             "shards": shard_counts,
             "sky_fraction": {**self.sky.summary(), "histogram": self.sky.display()},
             "disparity": {
-                "raw_range": {**self.raw_range.summary(), "histogram": self.raw_range.display()},
+                "raw_range": {**self.raw_range.summary(), "histogram": self.raw_range.display(zoom=True)},
                 "label_p05": self.label["disp_p05"].summary(),
                 "label_p50": {**self.label["disp_p50"].summary(), "histogram": self.label["disp_p50"].display()},
                 "label_p95": self.label["disp_p95"].summary(),

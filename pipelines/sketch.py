@@ -48,11 +48,17 @@ class Hist:
         return {"count": self.n, "mean": self.total / self.n, "min": self.min,
                 "p50": self.quantile(0.5), "p95": self.quantile(0.95), "max": self.max}
 
-    def display(self, bins: int = 20) -> dict:
-        """A coarse histogram for people: ``bins`` equal bins of the fine ones."""
-        step = self.bins // bins
-        return {"edges": [self._edge(i * step) for i in range(bins + 1)],
-                "counts": [int(c) for c in self.counts[: step * bins].reshape(bins, step).sum(axis=1)]}
+    def display(self, bins: int = 20, zoom: bool = False) -> dict:
+        """A coarse histogram for people: ``bins`` equal groups of the fine bins, over the
+        whole range, or (``zoom``) over the fine bins that hold values."""
+        lo, hi = 0, self.bins
+        if zoom and self.n:
+            nz = np.flatnonzero(self.counts)
+            lo, hi = int(nz[0]), int(nz[-1]) + 1
+        step = max(1, -(-(hi - lo) // bins))
+        starts = list(range(lo, hi, step))
+        return {"edges": [self._edge(i) for i in starts] + [self._edge(min(starts[-1] + step, self.bins))],
+                "counts": [int(self.counts[i:i + step].sum()) for i in starts]}
 
 
 class Counts:

@@ -67,6 +67,7 @@ def test_every_figure_matches_an_independent_computation(output):
     rng = np.array([x["disp_max"] - x["disp_min"] for x in ok if x["disp_max"] is not None])
     d = r["disparity"]["raw_range"]
     assert d["mean"] == pytest.approx(rng.mean(), rel=1e-5)
+    assert sum(d["histogram"]["counts"]) == len(rng) and d["histogram"]["edges"][0] <= rng.min() * 1.003
     assert d["p50"] == pytest.approx(q(rng, 0.5), rel=3e-3) and d["p95"] == pytest.approx(q(rng, 0.95), rel=3e-3)
     for p in ("disp_p05", "disp_p50", "disp_p95"):
         v = np.array([x[p] for x in ok if x[p] is not None])
