@@ -123,8 +123,8 @@ def plan_figures(output_url: str, n: int) -> dict:
             "build_seconds": round(built, 1)}
 
 
-def synthetic_manifest(output_url: str, rows: int, parts: int = 1000, seed: int = 0) -> None:
-    """``parts`` manifest parts totalling ``rows`` plausible rows (2 % errors), written
+def synthetic_manifest(output_url: str, rows: int, per_part: int = 10_000, seed: int = 0) -> None:
+    """Manifest parts of ``per_part`` plausible rows (2 % errors) totalling ``rows``, written
     directly: the audit benchmark needs a manifest, not labels."""
     import io
 
@@ -138,6 +138,7 @@ def synthetic_manifest(output_url: str, rows: int, parts: int = 1000, seed: int 
 
     out = open_store(output_url)
     rng = np.random.default_rng(seed)
+    parts = max(1, -(-rows // per_part))
     per = rows // parts
     for i in range(parts):
         n = per + (1 if i < rows % parts else 0)

@@ -50,10 +50,14 @@ class _Flag:
     count: int = 0
     samples: list = field(default_factory=list)
 
-    def add(self, shards, keys) -> None:
-        self.count += len(keys)
+    def add(self, shards: pa.Array, keys: pa.Array, mask: np.ndarray) -> None:
+        """Count the flagged rows; keep the first FLAG_KEYS (only those become Python strings)."""
+        self.count += int(mask.sum())
         room = FLAG_KEYS - len(self.samples)
-        self.samples += [{"shard": s, "key": k} for s, k in zip(shards[:room], keys[:room])]
+        if room > 0 and mask.any():
+            idx = pa.array(np.flatnonzero(mask)[:room])
+            self.samples += [{"shard": s, "key": k} for s, k in
+                             zip(shards.take(idx).to_pylist(), keys.take(idx).to_pylist())]
 
 
 class _Audit:
@@ -92,29 +96,27 @@ class _Audit:
         self.width.add(w[ok])
         self.height.add(h[ok])
         self.with_sky += int((sky[ok] > 0).sum())
-        shard = np.asarray(b["shard"].to_numpy(zero_copy_only=False), dtype=object)
-        key = np.asarray(b["key"].to_numpy(zero_copy_only=False), dtype=object)
-        self._per_shard(shard, ok, sky)
+        self._per_shard(b["shard"], ok, sky)
         with np.errstate(invalid="ignore"):
             for kind, mask in (("all_sky", ok & (sky >= self.t.all_sky)),
                                ("no_sky", ok & (sky == 0)),
                                ("constant_disparity", degenerate | (ok & (spread < self.t.flat_spread))),
                                ("tiny_image", ok & (np.minimum(w, h) < self.t.tiny_side))):
-                self.flags[kind].add(shard[mask].tolist(), key[mask].tolist())
+                self.flags[kind].add(b["shard"], b["key"], mask)
 
-    def _per_shard(self, shard, ok, sky) -> None:
-        names, inverse = np.unique(shard, return_inverse=True)
+    def _per_shard(self, shard: pa.Array, ok: np.ndarray, sky: np.ndarray) -> None:
+        """Grouped in Arrow: no Python object per row."""
         has_sky = ok & np.isfinite(sky)
-        samples = np.bincount(inverse, minlength=len(names))
-        oks = np.bincount(inverse, weights=ok, minlength=len(names))
-        sky_sum = np.bincount(inverse, weights=np.where(has_sky, sky, 0.0), minlength=len(names))
-        sky_n = np.bincount(inverse, weights=has_sky, minlength=len(names))
-        for i, name in enumerate(names.tolist()):
+        t = pa.table({"shard": shard, "n": np.ones(len(ok), np.int64), "ok": ok.astype(np.int64),
+                      "sky": np.where(has_sky, sky, 0.0), "sky_n": has_sky.astype(np.int64)})
+        g = t.group_by("shard").aggregate([("n", "sum"), ("ok", "sum"), ("sky", "sum"), ("sky_n", "sum")])
+        for name, n, oks, sky_sum, sky_n in zip(*(g.column(c).to_pylist() for c in
+                                                  ("shard", "n_sum", "ok_sum", "sky_sum", "sky_n_sum"))):
             acc = self.shards.setdefault(name, [0, 0, 0.0, 0])
-            acc[0] += int(samples[i])
-            acc[1] += int(oks[i])
-            acc[2] += float(sky_sum[i])
-            acc[3] += int(sky_n[i])
+            acc[0] += n
+            acc[1] += oks
+            acc[2] += sky_sum
+            acc[3] += sky_n
 
     def result(self, shard_counts: dict, output: str) -> dict:
         errors = self.samples - self.ok
@@ -169,7 +171,11 @@ def audit(output: ObjectStore, thresholds: Thresholds = Thresholds(), batch_rows
     acc = _Audit(thresholds)
     counts = shard_counts(output)
     if counts["committed"]:
-        for batch in dataset(output).to_batches(columns=COLUMNS, batch_size=batch_rows):
-            if batch.num_rows:
-                acc.add(batch)
+        manifest = dataset(output)
+        # Part by part: the dataset scanner reads ahead as fast as storage allows, which
+        # would hold a growing share of a large manifest in memory on a slow consumer.
+        for part in manifest.get_fragments():
+            for batch in part.to_batches(columns=COLUMNS, batch_size=batch_rows, schema=manifest.schema):
+                if batch.num_rows:
+                    acc.add(batch)
     return acc.result(counts, output.url)
