@@ -75,11 +75,12 @@ class Counts:
 
     def summary(self) -> dict:
         if not self.values:
-            return {"count": 0, "min": None, "p50": None, "p95": None, "max": None, "mean": None}
+            return {"count": 0, "min": None, "p50": None, "p95": None, "max": None, "mean": None, "common": []}
         keys = np.array(sorted(self.values))
         counts = np.array([self.values[k] for k in keys])
         cum = np.cumsum(counts)
         n = int(cum[-1])
         q = lambda p: int(keys[np.searchsorted(cum, p * n, side="left")])  # noqa: E731
+        common = sorted(self.values.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
         return {"count": n, "min": int(keys[0]), "p50": q(0.5), "p95": q(0.95), "max": int(keys[-1]),
-                "mean": float((keys * counts).sum() / n)}
+                "mean": float((keys * counts).sum() / n), "common": [[k, c] for k, c in common]}
