@@ -80,6 +80,20 @@ def build_parser() -> Parser:
                      help="shards checked at once (default: up to 8)")
     ver.add_argument("--json", action="store_true")
 
+    tr = sub.add_parser("train-student", help="train a Depth Anything student on labeled + pseudo-labeled OUTPUTs")
+    tr.add_argument("--labeled", action="append", required=True, metavar="OUTPUT")
+    tr.add_argument("--pseudo", action="append", required=True, metavar="OUTPUT")
+    tr.add_argument("--student", required=True, metavar="DIR", help="save_pretrained DepthAnythingForDepthEstimation")
+    tr.add_argument("--frozen", required=True, metavar="DIR", help="save_pretrained Dinov2Model (kept frozen)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="run directory (resumes from its checkpoint)")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--batch-size", type=int, default=6)
+    tr.add_argument("--crop", type=int, default=518)
+    tr.add_argument("--lr", type=float, default=5e-6, help="encoder lr; the decoder gets 10x")
+    tr.add_argument("--save-every", type=int, default=100)
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N", help="run at most N steps now")
+    tr.add_argument("--seed", type=int, default=0)
+
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
     demo.add_argument("--json", action="store_true")
@@ -180,6 +194,24 @@ def _verify(args) -> int:
     return 0 if result.ok else 1
 
 
+def _train_student(args) -> int:
+    from pipelines.student.train import TrainConfig, train
+
+    try:
+        cfg = TrainConfig(labeled=tuple(args.labeled), pseudo=tuple(args.pseudo), student=args.student,
+                          frozen=args.frozen, out=args.out, steps=args.steps, batch_size=args.batch_size,
+                          crop=args.crop, lr=args.lr, save_every=args.save_every, stop_after=args.stop_after,
+                          seed=args.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    history = train(cfg)
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: total {last['total']:.4f} (labeled {last['labeled']:.4f}, "
+              f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint in {args.out}/checkpoint")
+    return 0
+
+
 def _demo(args) -> int:
     from engine.demo import run_demo
 
@@ -199,7 +231,9 @@ def _bench(args) -> int:
     return 0
 
 
-COMMANDS = {"label": _label, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench, "demo": _demo}
+COMMANDS = {"label": _label, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
+            "train-student": _train_student,
+            "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

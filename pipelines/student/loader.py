@@ -1,0 +1,381 @@
+"""Training samples from labeled OUTPUTs (PAPER.md step 4-5), read only through the documented format.
+
+What the loader relies on is SPEC §2-4 and docs/MANIFEST.md, nothing of the engine: the manifest
+says which samples exist and which pass a filter, and each shard tar holds exactly its ok rows
+(`<key>.<image ext>`, `<key>.disp.png`, optional `<key>.sky.png` and `<key>.valid.png`).
+
+The unit of work is a shard, streamed front to back once, so a trainer reads each byte of the
+OUTPUT once per epoch and never seeks. An epoch is a permutation of all shards, split by rank
+then by DataLoader worker; the sample augmentations come from an RNG keyed by the sample, so an
+epoch is reproducible whatever the split, and resumable by counting.
+
+    data = DepthShards(LoaderConfig(outputs=("s3://labels/crawl-v1/",)), rank, world_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=4)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow.dataset as ds
+import torch
+from PIL import Image, ImageOps
+
+from storage import layout
+from storage.manifest import dataset
+from storage.objectstore import open_store
+from storage.shards import IMAGE_EXTENSIONS, iter_tar_samples
+
+_OK = ds.field("status") == "ok"
+_MANIFEST_THREADS = 8  # manifest parts are small: reading several at once hides S3 latency
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    outputs: tuple[str, ...]            # OUTPUT URLs (local directories or s3://bucket/prefix/)
+    crop: int = 518                     # square training crop (Depth Anything: 518)
+    filter: ds.Expression | None = None  # manifest rows to train on; None: status == "ok"
+    seed: int = 0
+    flip: bool = True                   # random horizontal flip, p = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.outputs, str) or not self.outputs:
+            raise ValueError("LoaderConfig.outputs must be a non-empty tuple of OUTPUT URLs")
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        if self.crop < 1:
+            raise ValueError(f"crop must be positive, got {self.crop}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seed sequences), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard's share of the filter, stored as whichever key set is smaller.
+
+    A 62M-image crawl cannot hold every key in each worker; with the default filter the
+    excluded set is empty, since the tar holds exactly the ok rows (SPEC §3).
+    """
+
+    output: int          # index into LoaderConfig.outputs
+    shard: str           # output shard file name, "<name>.tar"
+    count: int           # samples of this shard that pass the filter
+    keys: frozenset      # the kept keys (exclude=False) or the ok keys filtered out (exclude=True)
+    exclude: bool
+
+    def wants(self, key: str) -> bool:
+        return (key in self.keys) != self.exclude
+
+
+def _part_plans(fragment, schema, keep, output: int) -> list[ShardPlan]:
+    """Plans of the shards one manifest part describes (one, for a depth-engine OUTPUT)."""
+    table = fragment.to_table(
+        schema=schema, filter=_OK,
+        columns={"key": ds.field("key"), "shard": ds.field("shard"), "keep": keep})
+    rows: dict[str, tuple[list, list]] = {}
+    for key, shard, kept in zip(*(table.column(c).to_pylist() for c in ("key", "shard", "keep"))):
+        rows.setdefault(shard, ([], []))[0 if kept else 1].append(key)  # null (e.g. no sky model): out
+    plans = []
+    for shard, (kept, dropped) in rows.items():
+        if kept:
+            exclude = len(dropped) < len(kept)
+            plans.append(ShardPlan(output, shard, len(kept), frozenset(dropped if exclude else kept), exclude))
+    return plans
+
+
+def plan_shards(config: LoaderConfig) -> list[ShardPlan]:
+    """Every shard with at least one sample passing the filter, sorted by (output index, shard).
+
+    Error rows are never planned: they have nothing in the tar. A row whose filter value is
+    null is left out (e.g. `sky_fraction < x` on an OUTPUT labeled with `--sky none`).
+    """
+    plans: list[ShardPlan] = []
+    for index, url in enumerate(config.outputs):
+        manifest = dataset(open_store(url))
+        keep = _OK if config.filter is None else config.filter
+        with ThreadPoolExecutor(_MANIFEST_THREADS) as pool:
+            parts = pool.map(lambda f: _part_plans(f, manifest.schema, keep, index), manifest.get_fragments())
+            found = [p for part in parts for p in part]
+        names = [p.shard for p in found]
+        if len(names) != len(set(names)):
+            raise ValueError(f"{url}: a shard's rows are split across manifest parts (not a depth-engine OUTPUT)")
+        plans.extend(found)
+    return sorted(plans, key=lambda p: (p.output, p.shard))
+
+
+def _stable_int(*parts: str) -> int:
+    """A process-independent hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest(), "little")
+
+
+def sample_rng(seed: int, epoch: int, output: int, shard: str, key: str) -> np.random.Generator:
+    """The augmentation RNG of one sample: independent of rank, worker and OUTPUT location."""
+    return np.random.default_rng([seed, epoch, 1, output, _stable_int(shard, key)])
+
+
+def epoch_order(plans: list[ShardPlan], seed: int, epoch: int) -> list[ShardPlan]:
+    return [plans[i] for i in np.random.default_rng([seed, epoch, 0]).permutation(len(plans))]
+
+
+def split(items: list, part: int, parts: int) -> list:
+    """Round-robin share `part` of `parts`: the first len % parts shares get one item more."""
+    return items[part::parts]
+
+
+# -- decoding (SPEC §3) and the training transform (PAPER.md step 5) ------------------------------
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """The image as the teacher saw it (SPEC §5.1): EXIF orientation applied, uint8 RGB.
+
+    16-bit grey scales by 1/257 and 32-bit/float grey by its range, as the labeler does, so
+    the student's pixels match the ones that were labeled.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16"):
+            grey = np.rint(np.asarray(im, np.float64) / 257.0)
+        elif im.mode in ("I", "F"):
+            a = np.asarray(im, np.float64)
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            grey = np.rint((a - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros_like(a)
+        else:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def decode_disparity(data: bytes) -> np.ndarray:
+    """`disp.png`: 16-bit grey, value = round(d * 65535) -> float32 d in [0, 1]."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """`sky.png` / `valid.png`: 8-bit grey, 255 where the mask holds."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A tar sample -> (image uint8 HxWx3, disparity float32, valid bool, sky bool), all HxW.
+
+    Pseudo-labels carry no valid.png: every pixel is valid, sky included (its label, 0, says
+    "farthest"). Ground-truth conversions carry one. No sky.png (`--sky none`): no sky.
+    """
+    key = sample["__key__"]
+    image_ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
+    if image_ext is None or "disp.png" not in sample:
+        raise ValueError(f"sample {key!r}: no image or no disp.png (members: {sorted(sample)})")
+    image = decode_rgb(sample[image_ext])
+    disparity = decode_disparity(sample["disp.png"])
+    shape = image.shape[:2]
+    valid = decode_mask(sample["valid.png"]) if "valid.png" in sample else np.ones(shape, bool)
+    sky = decode_mask(sample["sky.png"]) if "sky.png" in sample else np.zeros(shape, bool)
+    if not disparity.shape == valid.shape == sky.shape == shape:
+        raise ValueError(f"sample {key!r}: label size {disparity.shape} differs from the image's {shape}")
+    return image, disparity, valid, sky
+
+
+def training_transform(image: np.ndarray, disparity: np.ndarray, valid: np.ndarray | None,
+                       sky: np.ndarray | None, crop: int, rng: np.random.Generator,
+                       flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shorter side resized to `crop`, a random crop x crop window, a horizontal flip with p 0.5.
+
+    One geometry for image and labels; only the interpolation differs: bicubic for the image,
+    bilinear for disparity (a label must not overshoot), nearest for masks (they stay binary).
+    Returns image float32 (3, crop, crop) in [0, 1], disparity float32, valid and sky bool.
+    The RNG is drawn in a fixed order (row offset, column offset, flip), so equal RNGs give
+    equal samples.
+    """
+    h, w = disparity.shape
+    if image.shape != (h, w, 3) or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
+    valid = np.ones((h, w), bool) if valid is None else valid
+    sky = np.zeros((h, w), bool) if sky is None else sky
+    scale = crop / min(h, w)
+    rh, rw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    top = int(rng.integers(0, rh - crop + 1))
+    left = int(rng.integers(0, rw - crop + 1))
+    mirror = bool(flip and rng.random() < 0.5)
+
+    def geometry(array: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        if (rh, rw) != (h, w):
+            array = np.asarray(Image.fromarray(array).resize((rw, rh), resample))
+        out = array[top:top + crop, left:left + crop]
+        return np.ascontiguousarray(out[:, ::-1] if mirror else out)
+
+    rgb = geometry(image, Image.Resampling.BICUBIC)
+    disp = geometry(np.ascontiguousarray(disparity, np.float32), Image.Resampling.BILINEAR)
+    masks = [geometry(m.astype(np.uint8), Image.Resampling.NEAREST).astype(bool) for m in (valid, sky)]
+    rgb = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    return rgb, np.clip(disp, 0.0, 1.0), masks[0], masks[1]
+
+
+# -- the dataset ----------------------------------------------------------------------------------
+
+class DepthShards(torch.utils.data.IterableDataset):
+    """Samples of one rank's shards for one epoch: dicts of image float32 (3, C, C) in [0, 1],
+    disparity float32 (C, C) in [0, 1], valid and sky bool (C, C), and the sample's identity:
+    key, shard, output (URL), worker and num_workers (the DataLoader worker that read it).
+
+    Split: all shards (sorted by output index, then shard name) are permuted with (seed, epoch),
+    dealt round-robin to ranks, then each rank's list round-robin to its DataLoader workers.
+    Every sample that passes the filter is seen exactly once per epoch across ranks x workers.
+    Shards do not divide evenly in general: the first `n % world_size` ranks (and workers) get
+    one shard more, so ranks see different sample counts; a DDP trainer must not assume equal
+    epochs (`rank_sizes()` gives them; an endless stream across epochs sidesteps the question).
+
+    Resume contract: a sample counts as consumed when the trainer says so. Call
+    `mark_consumed(x)` with each sample or collated batch after using it (it reads the sample's
+    `worker` field), save `state_dict()` with the checkpoint, and `load_state_dict()` it into a
+    fresh dataset before iterating: each worker then skips the first `consumed[worker]` samples
+    of its (deterministic) stream, whole shards without reading them, and yields exactly the
+    rest, with the same crops. The same seed, outputs, filter, rank, world size and number of
+    workers are required; a state from another split is refused. Counting yielded samples is
+    not enough with DataLoader workers, which prefetch ahead of the trainer. Worker copies are
+    made when an iterator starts: call `set_epoch`/`load_state_dict` before `iter(loader)`, and
+    do not use `persistent_workers=True`.
+    """
+
+    def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.plans = plan_shards(config)
+        self.fingerprint = _stable_int(*(f"{p.output}/{p.shard}/{p.count}" for p in self.plans))
+        self.epoch = 0
+        self._consumed: Counter = Counter()
+        self._num_workers: int | None = None
+
+    # -- epochs and the split
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch`; the consumed counts are kept only when the epoch does not change."""
+        if epoch != self.epoch:
+            self._consumed, self._num_workers = Counter(), None
+        self.epoch = epoch
+
+    def shards(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[ShardPlan]:
+        """The shards one worker of this rank streams in `epoch`, in order."""
+        order = epoch_order(self.plans, self.config.seed, self.epoch if epoch is None else epoch)
+        return split(split(order, self.rank, self.world_size), worker, num_workers)
+
+    def rank_sizes(self, epoch: int | None = None) -> list[int]:
+        """Samples each rank gets in `epoch` (they differ by up to one shard's worth)."""
+        order = epoch_order(self.plans, self.config.seed, self.epoch if epoch is None else epoch)
+        return [sum(p.count for p in split(order, r, self.world_size)) for r in range(self.world_size)]
+
+    def __len__(self) -> int:
+        return self.rank_sizes()[self.rank]
+
+    # -- resume
+    def mark_consumed(self, x, where=None) -> None:
+        """Count samples as consumed: a sample or batch dict, a worker id, or worker ids.
+
+        `where` (bool per sample) picks this dataset's samples out of a mixed batch:
+        `labeled.mark_consumed(batch, where=~batch["pseudo"])`.
+        """
+        workers = x["worker"] if isinstance(x, dict) else x
+        workers = [workers] if isinstance(workers, (int, np.integer)) else list(torch.as_tensor(workers).flatten())
+        if where is not None:
+            workers = [w for w, keep in zip(workers, torch.as_tensor(where).flatten()) if keep]
+        if isinstance(x, dict) and "num_workers" in x and workers:
+            self._num_workers = int(torch.as_tensor(x["num_workers"]).flatten()[0])
+        self._consumed.update(int(w) for w in workers)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": {str(w): n for w, n in sorted(self._consumed.items())},
+                "num_workers": self._num_workers, "seed": self.config.seed, "rank": self.rank,
+                "world_size": self.world_size, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Only `epoch` and `consumed` are required; the other fields are checked when present."""
+        mine = self.state_dict()
+        for name in ("seed", "rank", "world_size", "fingerprint"):
+            if state.get(name) is not None and state[name] != mine[name]:
+                what = "the OUTPUTs or the filter changed" if name == "fingerprint" else \
+                    f"{name} {state[name]} != {mine[name]}"
+                raise ValueError(f"cannot resume from this state: {what}")
+        self.epoch = int(state["epoch"])
+        self._consumed = Counter({int(w): int(n) for w, n in state.get("consumed", {}).items()})
+        self._num_workers = state.get("num_workers")
+
+    # -- iteration
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = self._consumed.get(worker, 0)
+        if skip and self._num_workers not in (None, num_workers):
+            raise ValueError(f"state was saved with {self._num_workers} DataLoader workers, "
+                             f"resumed with {num_workers}: the split would differ")
+        for plan in self.shards(worker, num_workers):
+            if skip >= plan.count:
+                skip -= plan.count        # a whole shard consumed: not even opened
+                continue
+            for sample in self._shard_samples(plan, skip):
+                yield {**sample, "worker": worker, "num_workers": num_workers}
+            skip = 0
+
+    def _shard_samples(self, plan: ShardPlan, skip: int) -> Iterator[dict]:
+        cfg, url = self.config, self.config.outputs[plan.output]
+        seen = 0
+        store = open_store(url)
+        with store.open_read(layout.SHARDS + plan.shard) as stream:
+            for sample in iter_tar_samples(stream):
+                key = sample["__key__"]
+                if not plan.wants(key):
+                    continue
+                seen += 1
+                if seen <= skip:
+                    continue
+                image, disparity, valid, sky = decode_sample(sample)
+                rng = sample_rng(cfg.seed, self.epoch, plan.output, plan.shard, key)
+                image, disparity, valid, sky = training_transform(
+                    image, disparity, valid, sky, cfg.crop, rng, cfg.flip)
+                yield {"image": torch.from_numpy(image), "disparity": torch.from_numpy(disparity),
+                       "valid": torch.from_numpy(valid), "sky": torch.from_numpy(sky),
+                       "key": key, "shard": plan.shard, "output": url}
+        if seen != plan.count:
+            raise ValueError(f"{store.url_of(layout.SHARDS + plan.shard)}: the manifest lists {plan.count} samples to "
+                             f"train on, the tar holds {seen} of them (check it with `depth-engine verify`)")
+
+
+# -- mixing labeled and pseudo-labeled samples (PAPER.md step 4) --------------------------------
+
+def mixed_batches(labeled: Iterable[dict], pseudo: Iterable[dict], batch_size: int,
+                  ratio: tuple[int, int] = (1, 2)) -> Iterator[dict]:
+    """Batches of `batch_size` with labeled:pseudo = ratio (1:2 in Depth Anything), collated.
+
+    Each batch holds round(batch_size * a / (a + b)) labeled samples first, then pseudo ones;
+    `pseudo` is a bool vector saying which are which. Exactly that many samples are taken
+    from each stream per batch, nothing read ahead, so a stream's count of samples taken is
+    its count consumed at a step boundary (or mark them: `pseudo_data.mark_consumed(batch,
+    where=batch["pseudo"])`). Stops when a stream runs short (the partial batch is dropped):
+    pass endless streams (e.g. epoch after epoch) to train by steps.
+    Fields common to all samples are collated (tensors stacked, strings listed).
+    """
+    a, b = ratio
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"invalid ratio {ratio}")
+    n_lab = round(batch_size * a / (a + b))
+    n_pseudo = batch_size - n_lab
+    if (a and not n_lab) or (b and not n_pseudo):
+        raise ValueError(f"batch size {batch_size} is too small for ratio {a}:{b}")
+    return _mix(iter(labeled), iter(pseudo), n_lab, n_pseudo)  # checked now, not at the first batch
+
+
+def _mix(labeled: Iterator[dict], pseudo: Iterator[dict], n_lab: int, n_pseudo: int) -> Iterator[dict]:
+    while True:
+        samples = [s for _, s in zip(range(n_lab), labeled)]   # range first: no sample is lost
+        if len(samples) < n_lab:
+            return
+        samples += [s for _, s in zip(range(n_pseudo), pseudo)]
+        if len(samples) < n_lab + n_pseudo:
+            return
+        common = set.intersection(*(set(s) for s in samples))
+        batch = torch.utils.data.default_collate([{k: s[k] for k in common} for s in samples])
+        batch["pseudo"] = torch.arange(n_lab + n_pseudo) >= n_lab
+        yield batch
