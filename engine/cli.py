@@ -205,7 +205,7 @@ def _train_student(args) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     history = train(cfg)
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
         print(f"step {last['step']}: total {last['total']:.4f} (labeled {last['labeled']:.4f}, "
               f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint in {args.out}/checkpoint")

@@ -432,3 +432,34 @@ def test_mixed_batches_are_one_labeled_to_two_pseudo(labeled_output, synthetic_o
     assert even["pseudo"].tolist() == [False, False, True, True]
     with pytest.raises(ValueError, match="too small"):
         mixed_batches([], [], 1, ratio=(1, 2))
+
+
+def test_loader_reads_an_output_written_by_the_label_command(tmp_path, tiny_models):
+    """The loader depends only on the documented format: an OUTPUT from `depth-engine label`."""
+    import json as _json
+    import subprocess
+    import sys
+
+    import pyarrow.dataset as pads
+
+    from builders import photo_samples as _photos, write_shard as _write
+    from pipelines.student.loader import DepthShards, LoaderConfig
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(2):
+        _write(raw / f"shard-{i:06d}.tar", _photos([(70, 90), (90, 70), (64, 64)], prefix=f"L{i}-"))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "engine", "label", f"{raw}/", str(out), "--teacher", tiny_models.teacher,
+                        "--sky", tiny_models.sky, "--workers", "1", "--json"], capture_output=True, text=True,
+                       timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+                                         "DEPTH_ENGINE_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _json.loads(p.stdout)["samples_ok"] == 6
+    want = {r["key"] for r in pads.dataset(str(out / "manifest"), format="parquet").to_table().to_pylist()}
+    got = [s for s in DepthShards(LoaderConfig(outputs=(str(out),), crop=56))]
+    assert sorted(s["key"] for s in got) == sorted(want)
+    for s in got:
+        assert s["image"].shape == (3, 56, 56) and s["disparity"].shape == (56, 56)
+        if s["sky"].sum() > 50:           # sky is far (0) away from edges blurred by the resize
+            assert float((s["disparity"][s["sky"]] == 0).float().mean()) > 0.5

@@ -69,3 +69,22 @@ def test_a_stopped_run_resumes_where_it_stopped(setup):
     assert [h["step"] for h in rest] == list(range(13, 31))
     log = [json.loads(line) for line in (setup[0] / "run-b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31))
+
+
+def test_two_ranks_under_torchrun_train_and_keep_each_ranks_place(setup):
+    """DDP on CPU (gloo): what a GPU run does with torchrun --nproc_per_node N."""
+    import shutil
+    import subprocess
+    import sys
+
+    tmp, outs, student, frozen = setup
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "engine"]
+    p = subprocess.run([*torchrun, "train-student", "--labeled", outs["labeled"], "--pseudo", outs["pseudo"],
+                        "--student", student, "--frozen", frozen, "--out", str(tmp / "ddp"), "--steps", "6",
+                        "--crop", "56", "--lr", "1e-3", "--save-every", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("step 6: total") == 1                      # rank 0 reports
+    state = json.loads((tmp / "ddp" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and len(state["streams"]) == 2
+    shutil.rmtree(tmp / "ddp")

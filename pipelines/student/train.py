@@ -188,7 +188,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     opt, sched = _optimizer(cfg, student)
     state = _restore(run, opt, sched) if resume else None
     start = state["step"] if state else 0
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    # find_unused_parameters: DINOv2 keeps a mask token that depth estimation never uses.
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
 
     def stream(outputs, key):
         ds = DepthShards(LoaderConfig(outputs=tuple(outputs), crop=cfg.crop, seed=cfg.seed), rank, world)
