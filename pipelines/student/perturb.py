@@ -153,14 +153,14 @@ class CutMixResult:
 
 @dataclass(frozen=True)
 class CutMix:
-    """Paste a box of another image of the batch into each image, with probability ``p``.
+    """With probability ``p`` for the whole batch (as Depth Anything applies it), paste into
+    each image a box of another image of the batch.
 
-    The box's area fraction is uniform in ``area`` and its aspect ratio (width / height)
-    log-uniform in ``aspect``; a side longer than the image is clipped to it, and the box is
-    placed wholly inside. The images drawn for mixing are paired along one random cycle, so
-    ``partner`` is a permutation and no image is mixed with itself. An image drawn alone has no
-    partner and stays whole, so the rate per image is p·(1 − (1 − p)^(B−1)): 0.25 for B = 2,
-    0.496 for B = 8 at p = 0.5.
+    The partners follow one random cycle over the batch, so ``partner`` is a permutation and no
+    image is mixed with itself; an unmixed batch has ``partner[i] == i`` and an all-True mask.
+    Each image gets its own box: area fraction uniform in ``area``, aspect ratio (width /
+    height) log-uniform in ``aspect``, a side longer than the image clipped to it, placed
+    wholly inside.
     """
 
     p: float = 0.5
@@ -181,10 +181,9 @@ class CutMix:
         b, _, h, w = images.shape
         u = torch.rand(b, 5, generator=gen, dtype=torch.float64)
         order = torch.randperm(b, generator=gen)
-        drawn = order[(u[:, 0] < self.p)[order]]
         partner = torch.arange(b)
-        if len(drawn) > 1:
-            partner[drawn] = drawn.roll(-1)
+        if b > 1 and float(torch.rand(1, generator=gen, dtype=torch.float64)) < self.p:
+            partner[order] = order.roll(-1)
         mixed = partner != torch.arange(b)
 
         area = (self.area[0] + (self.area[1] - self.area[0]) * u[:, 1]) * (h * w)
