@@ -222,5 +222,5 @@ def test_dockerignore_keeps_what_pip_install_needs():
     assert lines[0] == "*"
     kept = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert {"pyproject.toml", project["project"]["readme"],
-            *project["tool"]["setuptools"]["packages"]} <= kept
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {"pyproject.toml", project["project"]["readme"], *packages} <= kept
