@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     # set before transformers is imported, and inherited by local Ray workers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # A hub repo with only pickle weights is refused, not converted behind the user's back.
+    os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
     logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
