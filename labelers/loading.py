@@ -39,3 +39,13 @@ def load_pretrained(auto_model, source: str, *, revision: str | None, device: to
     processor = AutoImageProcessor.from_pretrained(source, revision=revision)
     # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
     return model.float().eval().to(device), processor
+
+
+def load_for_inference(auto_model, source: str, *, device, dtype: str, revision: str | None):
+    """(model, processor, device, precision): what both labelers need, resolved in one place."""
+    from labelers.devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    precision = resolve_dtype(dtype, dev)
+    model, processor = load_pretrained(auto_model, source, revision=revision, device=dev)
+    return model, processor, dev, precision

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.devices import autocast, resolve_device, resolve_dtype
-from labelers.loading import load_pretrained
+from labelers.devices import autocast
+from labelers.loading import load_for_inference
 from labelers.preprocess import ImagePreprocess
 
 # Upsampled logits held at once, in elements (~64 MiB of float32): bounds memory on huge images.
@@ -78,10 +78,8 @@ class SkySegmenter:
         """Load a model and its processor; refuse at once a model without a sky class."""
         from transformers import AutoModelForSemanticSegmentation
 
-        dev = resolve_device(device)
-        precision = resolve_dtype(dtype, dev)
-        model, processor = load_pretrained(
-            AutoModelForSemanticSegmentation, source, revision=revision, device=dev
+        model, processor, dev, precision = load_for_inference(
+            AutoModelForSemanticSegmentation, source, device=device, dtype=dtype, revision=revision
         )
         sky_ids = sky_class_ids(model.config.id2label)
         label = name or str(source)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.devices import autocast, resolve_device, resolve_dtype
-from labelers.loading import load_pretrained
+from labelers.devices import autocast
+from labelers.loading import load_for_inference
 from labelers.preprocess import ImagePreprocess
 
 
@@ -42,10 +42,8 @@ class Teacher:
         """Load from a save_pretrained folder or a hub id (the HF cache serves it offline)."""
         from transformers import AutoModelForDepthEstimation
 
-        dev = resolve_device(device)
-        precision = resolve_dtype(dtype, dev)
-        model, processor = load_pretrained(
-            AutoModelForDepthEstimation, source, revision=revision, device=dev
+        model, processor, dev, precision = load_for_inference(
+            AutoModelForDepthEstimation, source, device=device, dtype=dtype, revision=revision
         )
         preprocess = TeacherPreprocess.from_processor(processor)
         return cls(name or str(source), preprocess, dev, precision, model)
