@@ -94,8 +94,8 @@ def finish(p, timeout=300):
 
 
 def wait_commits(out, n, proc, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() <= deadline:
         if len(list_objects(out, "manifest")) >= n:
             return
         if proc.poll() is not None:

@@ -176,8 +176,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_models):
     cmd = [sys.executable, "-m", "engine", "label", f"{raw}/", str(out), "--teacher", tiny_models.teacher,
            "--sky", tiny_models.sky, "--workers", "1", "--batch-size", "2"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not list((out / "manifest").glob("*.parquet")) and time.time() - t0 < 240:
+    deadline = time.monotonic() + 240
+    while not list((out / "manifest").glob("*.parquet")) and time.monotonic() <= deadline:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
