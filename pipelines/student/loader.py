@@ -24,8 +24,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow.dataset as ds
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pipelines.decode import decode_image
 from storage import layout
 from storage.manifest import dataset
 from storage.objectstore import open_store
@@ -129,22 +130,9 @@ def split(items: list, part: int, parts: int) -> list:
 # -- decoding (SPEC §3) and the training transform (PAPER.md step 5) ------------------------------
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """The image as the teacher saw it (SPEC §5.1): EXIF orientation applied, uint8 RGB.
-
-    16-bit grey scales by 1/257 and 32-bit/float grey by its range, as the labeler does, so
-    the student's pixels match the ones that were labeled.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16"):
-            grey = np.rint(np.asarray(im, np.float64) / 257.0)
-        elif im.mode in ("I", "F"):
-            a = np.asarray(im, np.float64)
-            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-            grey = np.rint((a - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros_like(a)
-        else:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    """The image as the teacher saw it (SPEC §5.1): the labeler's own decoding (EXIF
+    orientation, every mode to uint8 RGB), so the student's pixels are the labeled ones."""
+    return decode_image(data)
 
 
 def decode_disparity(data: bytes) -> np.ndarray:
