@@ -23,26 +23,63 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    """What `label` and `convert-gt` share: the engine's inputs, outputs and resources."""
+    p.add_argument("input", metavar="INPUT", help="brace pattern, prefix/, directory, glob or @FILE")
+    p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local directory")
+    p.add_argument("--sky", default=DEFAULT_SKY, metavar="MODEL|none",
+                   help="sky segmentation model, or none (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="CPU actors (GPU runs use one actor per GPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N")
+    p.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _ground_truth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gt-scale", type=float, default=1.0, metavar="S",
+                   help="stored value / S = metres or disparity (KITTI png: 256, NYUv2 mm png: 1000)")
+    p.add_argument("--max-depth", type=float, default=None, metavar="M",
+                   help="depth beyond M metres is invalid (metric depth members only)")
+
+
+def _rule(args):
+    from labelers.ground_truth import GroundTruthRule
+
+    try:
+        return GroundTruthRule(scale=args.gt_scale, max_depth=args.max_depth)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_parser() -> Parser:
     p = Parser(prog="depth-engine", description="Depth Anything pseudo-labels at cluster scale.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     lab = sub.add_parser("label", help="label input shards into OUTPUT (resumes when rerun)")
-    lab.add_argument("input", metavar="INPUT", help="brace pattern, prefix/, directory, glob or @FILE")
-    lab.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local directory")
+    _job_arguments(lab)
     lab.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="MODEL",
                      help="hub id, local directory or s3:// prefix (default: %(default)s)")
-    lab.add_argument("--sky", default=DEFAULT_SKY, metavar="MODEL|none",
-                     help="sky segmentation model, or none (default: %(default)s)")
-    lab.add_argument("--batch-size", type=int, default=8, metavar="N")
-    lab.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="CPU actors (GPU runs use one actor per GPU)")
-    lab.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    lab.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    lab.add_argument("--max-attempts", type=int, default=3, metavar="N")
-    lab.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
-    lab.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
-    lab.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+    gt = sub.add_parser("convert-gt", help="convert labeled shards (image + depth/disparity) into the label format")
+    _job_arguments(gt)
+    _ground_truth_arguments(gt)
+
+    ev = sub.add_parser("evaluate", help="a teacher's AbsRel and δ1 on a labeled INPUT or OUTPUT (MiDaS protocol)")
+    ev.add_argument("source", metavar="OUTPUT_OR_INPUT",
+                    help="an OUTPUT (its committed shards, stored labels scored too) or an INPUT pattern")
+    ev.add_argument("--teacher", required=True, metavar="MODEL", help="hub id, local directory or s3:// prefix")
+    _ground_truth_arguments(ev)
+    ev.add_argument("--batch-size", type=int, default=8, metavar="N")
+    ev.add_argument("--workers", type=int, default=None, metavar="N", help="CPU actors (GPU runs use one actor per GPU)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    ev.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
+    ev.add_argument("--json", action="store_true", help="aggregates and every sample's figures as JSON")
 
     st = sub.add_parser("status", help="committed / failed / pending shards of OUTPUT")
     st.add_argument("output", metavar="OUTPUT")
@@ -103,8 +140,10 @@ def build_parser() -> Parser:
 def _label(args) -> int:
     from engine.label import label
 
+    gt = args.command == "convert-gt"
     config = LabelConfig(
-        input=args.input, output=args.output, teacher=args.teacher,
+        input=args.input, output=args.output, teacher=None if gt else args.teacher,
+        ground_truth=_rule(args) if gt else None,
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,
         max_attempts=args.max_attempts, retry_failed=args.retry_failed,
@@ -112,6 +151,17 @@ def _label(args) -> int:
     summary = label(config)
     print_summary(summary.to_json(), args.json)
     return summary.exit_code
+
+
+def _evaluate(args) -> int:
+    from engine.evaluate import EvalConfig, evaluate, print_report
+
+    config = EvalConfig(source=args.source, teacher=args.teacher, ground_truth=_rule(args),
+                        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+                        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json)
+    report = evaluate(config)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    return 3 if report["failed_shards"] else 0
 
 
 def _status(args) -> int:
@@ -231,7 +281,7 @@ def _bench(args) -> int:
     return 0
 
 
-COMMANDS = {"label": _label, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
+COMMANDS = {"label": _label, "convert-gt": _label, "evaluate": _evaluate, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
             "train-student": _train_student,
             "demo": _demo}
 

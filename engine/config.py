@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
+from labelers.ground_truth import GroundTruthRule
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
@@ -17,8 +18,9 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 class LabelConfig:
     input: str
     output: str
-    teacher: str = DEFAULT_TEACHER
+    teacher: str | None = DEFAULT_TEACHER  # None with ground_truth: `convert-gt`
     sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
+    ground_truth: GroundTruthRule | None = None   # labels from the samples' own ground truth
     batch_size: int = 8
     workers: int | None = None             # CPU actors; GPU runs use one actor per GPU
     device: str = "auto"
@@ -39,6 +41,8 @@ class LabelConfig:
             raise ConfigError("INPUT is empty")
         if not self.output:
             raise ConfigError("OUTPUT is empty")
+        if (self.teacher is None) == (self.ground_truth is None):
+            raise ConfigError("a job labels with a teacher or converts ground truth, exactly one of them")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:

@@ -98,7 +98,7 @@ class Scheduler:
         for a in sorted(self._ready(), key=lambda a: a.load):
             while self.queue and a.load < PER_ACTOR:
                 task = self.queue.popleft()
-                self.inflight[a.handle.label.remote(task)] = (task, a, time.time())
+                self.inflight[a.handle.run.remote(task)] = (task, a, time.time())
                 a.load += 1
 
     def _finished(self, ref) -> None:

@@ -13,6 +13,7 @@ from storage import layout
 from storage.objectstore import ObjectStore
 
 LABEL_DEFINITION = "depth-anything/v1: disparity, sky=0, min-max over non-sky, uint16 png"
+GT_DEFINITION = "ground-truth/v1: disparity 1/t, sky=0, min-max over valid non-sky, uint16 png, valid.png"
 
 
 def engine_version() -> str:
@@ -30,13 +31,15 @@ class JobSpec:
     parameters: dict     # how it ran: batch size, device, ... (free to change between runs)
 
     @classmethod
-    def build(cls, config: LabelConfig, shards: list[str], teacher: ModelRef,
-              sky: ModelRef | None, teacher_input: dict) -> "JobSpec":
+    def build(cls, config: LabelConfig, shards: list[str], teacher: ModelRef | None,
+              sky: ModelRef | None, teacher_input: dict | None) -> "JobSpec":
+        gt = config.ground_truth
         label = {
-            "definition": LABEL_DEFINITION,
-            "teacher": teacher.provenance(),
+            "definition": GT_DEFINITION if gt else LABEL_DEFINITION,
+            "teacher": teacher.provenance() if teacher else None,
             "sky": sky.provenance() if sky else None,
             "teacher_input": teacher_input,
+            **({"ground_truth": {"scale": gt.scale, "max_depth": gt.max_depth}} if gt else {}),
         }
         parameters = {k: getattr(config, k) for k in
                       ("batch_size", "workers", "device", "dtype", "max_attempts", "threads")}
@@ -46,13 +49,19 @@ class JobSpec:
         """What must match for two runs to write into one OUTPUT."""
         model = lambda m: None if m is None else {"sha256": m["sha256"], "source": m["source"]}  # noqa: E731
         return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
-                "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"]}
+                "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"],
+                "ground_truth": self.label.get("ground_truth")}
 
     def to_json(self, created: str | None = None) -> dict:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return {"engine_version": engine_version(), "created": created or now, "updated": now,
                 "input": self.input, "label": self.label, "parameters": self.parameters,
                 "shards": self.shards}
+
+
+def source_kind(doc: dict) -> str:
+    """"gt" for a `convert-gt` OUTPUT, "pseudo" for a `label` OUTPUT."""
+    return "gt" if doc.get("label", {}).get("ground_truth") else "pseudo"
 
 
 def read(output: ObjectStore) -> dict | None:

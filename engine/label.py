@@ -107,11 +107,11 @@ def label(config: LabelConfig) -> Summary:
     output = open_store(config.output)
     try:
         shards = expand(config.input)
-        teacher = resolve(config.teacher)
+        teacher = resolve(config.teacher) if config.teacher else None
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
-        spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher))
+        spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher) if teacher else None)
     except (InputError, ModelSourceError) as e:
         raise ConfigError(str(e)) from None
     with JobLock(output, config.lease_seconds) as lock:
@@ -134,7 +134,8 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
     try:
         n, options, device, torch_threads = actor_layout(config)
         summary.workers, summary.device = n, device
-        wspec = WorkerSpec(output=output.url, teacher=config.teacher, teacher_sha256=teacher.sha256,
+        wspec = WorkerSpec(output=output.url, teacher=config.teacher,
+                           teacher_sha256=teacher.sha256 if teacher else None, ground_truth=config.ground_truth,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=config.threads,
                            torch_threads=torch_threads, claim_seconds=config.claim_seconds)

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from labelers.ground_truth import GroundTruthRule
 from pipelines.commit import ClaimPolicy
+from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.models import resolve
 from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
 from storage.objectstore import open_store
@@ -22,10 +24,11 @@ from storage.objectstore import open_store
 @dataclass(frozen=True)
 class WorkerSpec:
     output: str
-    teacher: str
-    teacher_sha256: str
+    teacher: str | None              # None: ground-truth conversion
+    teacher_sha256: str | None
     sky: str | None
     sky_sha256: str | None
+    ground_truth: GroundTruthRule | None = None
     device: str = "cpu"
     dtype: str = "auto"
     batch_size: int = 8
@@ -54,15 +57,17 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     device = resolve_device(spec.device)
-    ref = resolve(spec.teacher)
-    _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
-    teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher)
+    teacher = None
+    if spec.teacher:
+        ref = resolve(spec.teacher)
+        _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
+        teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher)
     sky = None
     if spec.sky:
         sref = resolve(spec.sky)
         _check_same_weights(spec.sky, sref.sha256, spec.sky_sha256)
         sky = SkySegmenter.load(sref.path, device=str(device), dtype=spec.dtype, name=spec.sky)
-    return Labelers(teacher, sky)
+    return Labelers(teacher, sky, spec.ground_truth)
 
 
 @ray.remote(concurrency_groups={"report": 1})
@@ -78,12 +83,53 @@ class LabelActor:
     def ready(self) -> str:
         return self.name
 
-    def label(self, task: ShardTask) -> ShardResult:
+    def run(self, task: ShardTask) -> ShardResult:
         self.live = Progress(extra={"shard": task.name})
         result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
                              threads=self.spec.threads, worker=self.name, progress=self.live,
                              claim=ClaimPolicy.of(self.spec.claim_seconds))
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return result
+
+    @ray.method(concurrency_group="report")
+    def progress(self) -> dict:
+        return asdict(self.live)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    teacher: str
+    teacher_sha256: str
+    ground_truth: GroundTruthRule
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8
+    threads: int = 4
+    torch_threads: int | None = None
+
+
+@ray.remote(concurrency_groups={"report": 1})
+class EvalActor:
+    """A teacher scoring labeled shards: the same placement and scheduling as LabelActor,
+    and nothing written."""
+
+    def __init__(self, spec: EvalSpec):
+        self.spec = spec
+        self.teacher = load_labelers(WorkerSpec(
+            output="", teacher=spec.teacher, teacher_sha256=spec.teacher_sha256, sky=None, sky_sha256=None,
+            device=spec.device, dtype=spec.dtype, torch_threads=spec.torch_threads)).teacher
+        gpus = ray.get_gpu_ids()
+        self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
+        self.live = Progress()
+
+    def ready(self) -> str:
+        return self.name
+
+    def run(self, task: ShardTask) -> ShardEvaluation:
+        self.live = Progress(extra={"shard": task.name})
+        result = evaluate_shard(task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
+                                threads=self.spec.threads, worker=self.name, progress=self.live)
+        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return result
 
     @ray.method(concurrency_group="report")

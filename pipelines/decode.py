@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from labelers.ground_truth import GroundTruthError, GroundTruthRule, decode_ground_truth
 from pipelines.sample import Sample
 from storage.shards import IMAGE_EXTENSIONS
 
@@ -86,4 +87,24 @@ def decode(sample: Sample) -> Sample:
     except DecodeError as e:
         sample.fail(str(e))
     sample.timings["decode"] = time.perf_counter() - t0
+    return sample
+
+
+def decode_labeled(sample: Sample, rule: GroundTruthRule) -> Sample:
+    """Stage 1 of a ground-truth conversion: the image, then its ground truth as the raw
+    disparity (SPEC §5.5). A sample without a ground-truth member is an error row."""
+    decode(sample)
+    if not sample.ok:
+        return sample
+    t0 = time.perf_counter()
+    try:
+        gt = decode_ground_truth(sample.extras, rule, (sample.height, sample.width))
+        if gt is None:
+            sample.fail("no ground-truth member (<key>.depth.<ext> or <key>.disparity.<ext>; "
+                        f"members: {', '.join(sorted([sample.image_ext, *sample.extras]))})")
+        else:
+            sample.raw, sample.valid, sample.ground_truth = gt.disparity, gt.valid, gt.member
+    except GroundTruthError as e:
+        sample.fail(str(e))
+    sample.timings["decode"] += time.perf_counter() - t0
     return sample

@@ -42,12 +42,21 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def percentiles(label: NormalizedDisparity, sky: np.ndarray | None) -> list[float | None]:
-    """p05/p50/p95 of the normalized label over the pixels it was normalized on."""
+def percentiles(label: NormalizedDisparity, used: np.ndarray | None) -> list[float | None]:
+    """p05/p50/p95 of the normalized label over the pixels it was normalized on (``used``)."""
     if label.degenerate:
         return [None, None, None]
-    d = label.disparity if sky is None else label.disparity[~sky]
+    d = label.disparity if used is None else label.disparity[used]
     return [float(v) for v in np.percentile(d, [5, 50, 95])] if d.size else [None, None, None]
+
+
+def label_mask(sample: Sample) -> np.ndarray | None:
+    """valid.png of a ground-truth sample: the pixels whose label a trainer may use, i.e. those
+    with ground truth and the sky (whose label, disparity 0, is the definition's, as in
+    pseudo-labels). None for pseudo-labels, where every pixel is labeled."""
+    if sample.valid is None:
+        return None
+    return sample.valid if sample.sky is None else sample.valid | sample.sky
 
 
 def carried_metadata(extras: dict[str, bytes]) -> dict:
@@ -73,19 +82,27 @@ def encode(sample: Sample, models: dict) -> Encoded:
     if not sample.ok:
         return error_row(sample, models)
     t0 = time.perf_counter()
-    label = normalize_disparity(sample.raw, sample.sky)
+    label = normalize_disparity(sample.raw, sample.sky, sample.valid)
     height, width = sample.height, sample.width
     sky_fraction = None if sample.sky is None else float(sample.sky.mean())
-    p05, p50, p95 = percentiles(label, sample.sky)
+    valid = label_mask(sample)
+    valid_fraction = None if valid is None else float(valid.mean())
+    used = None if sample.sky is None else ~sample.sky
+    if sample.valid is not None:
+        used = sample.valid if used is None else used & sample.valid
+    p05, p50, p95 = percentiles(label, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
         **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi),
         "degenerate": label.degenerate, "sky_fraction": sky_fraction,
+        **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras),
     }
     members = {sample.image_ext: sample.image_bytes, "disp.png": disparity_png(label.disparity)}
     if sample.sky is not None:
         members["sky.png"] = mask_png(sample.sky)
+    if valid is not None:
+        members["valid.png"] = mask_png(valid)
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     for ext, value in sample.extras.items():
         if ext not in RESERVED and ext not in members:
@@ -95,7 +112,7 @@ def encode(sample: Sample, models: dict) -> Encoded:
         "key": sample.key, "source": sample.source, "status": "ok", "error": None,
         "width": width, "height": height, "sky_fraction": sky_fraction,
         "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **models,
-        "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
+        "valid_fraction": valid_fraction, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
         "decode_s": sample.timings.get("decode"), "model_s": sample.timings.get("model"),
         "encode_s": sample.timings["encode"],
     }

@@ -2,6 +2,10 @@
 
     read shard -> decode -> [bucket by teacher size] -> sky -> teacher -> normalize+encode -> write shard -> commit
 
+A ground-truth conversion is the same flow with the teacher replaced by the sample's own
+ground truth (read in the decode stage), so labeled and pseudo-labeled sets share one format,
+one engine and one commit protocol (SPEC §5.5).
+
 ``label_batch`` is the model step over one batch; ``label_shard`` runs the whole flow for
 one shard with decode and encode in threads around the model. Nothing here knows about
 Ray: the engine calls ``label_shard`` inside an actor, tests call it in-process.
@@ -14,11 +18,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
-from pipelines.decode import decode, sample_from_members
+from pipelines.decode import decode, decode_labeled, sample_from_members
 from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
 from storage import layout
@@ -27,16 +32,37 @@ from storage.objectstore import ObjectStore, locate
 from storage.shards import TarShardWriter, iter_tar_samples
 
 
+GROUND_TRUTH = "ground-truth"   # the manifest's `teacher` of a ground-truth conversion
+
+
 @dataclass(frozen=True)
 class Labelers:
-    """The loaded models of one worker."""
+    """What labels the samples of one worker: a teacher, or the samples' own ground truth
+    (``ground_truth`` set, ``teacher`` None); and the sky model, if any."""
 
-    teacher: Teacher
+    teacher: Teacher | None
     sky: SkySegmenter | None = None
+    ground_truth: GroundTruthRule | None = None
+
+    def __post_init__(self):
+        if (self.teacher is None) == (self.ground_truth is None):
+            raise ValueError("label with a teacher or with ground truth, exactly one of them")
+
+    @property
+    def source_kind(self) -> str:
+        return "pseudo" if self.teacher else "gt"
 
     @property
     def names(self) -> dict:
-        return {"teacher": self.teacher.name, "sky_model": self.sky.name if self.sky else "none"}
+        return {"teacher": self.teacher.name if self.teacher else GROUND_TRUTH,
+                "sky_model": self.sky.name if self.sky else "none"}
+
+    def decode(self, sample: Sample) -> Sample:
+        return decode(sample) if self.teacher else decode_labeled(sample, self.ground_truth)
+
+    def batch_key(self, sample: Sample):
+        """Samples that can share a forward pass: same teacher input size."""
+        return self.teacher.target_size(sample.height, sample.width) if self.teacher else None
 
 
 @dataclass(frozen=True)
@@ -75,11 +101,12 @@ class Progress:
 
 
 def label_batch(batch: list[Sample], labelers: Labelers) -> float:
-    """Sky then teacher over one batch of decoded samples; returns model seconds."""
+    """Sky then teacher over one batch of decoded samples; returns model seconds. Ground
+    truth samples keep the raw disparity their decode stage read."""
     images = [s.image for s in batch]
     t0 = time.perf_counter()
     masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
-    raws = labelers.teacher.predict(images)
+    raws = labelers.teacher.predict(images) if labelers.teacher else [s.raw for s in batch]
     seconds = time.perf_counter() - t0
     for s, mask, raw in zip(batch, masks, raws):
         s.sky, s.raw, s.image = mask, raw, None   # the pixels are no longer needed
@@ -108,7 +135,6 @@ def label_shard(
     models = labelers.names
     rows: list[dict] = []
     in_store, in_key = locate(task.source)
-    teacher_size = lambda s: labelers.teacher.target_size(s.height, s.width)  # noqa: E731
 
     with in_store.open_read(in_key) as stream, output.open_write(layout.shard_key(task.name)) as out:
         tar = TarShardWriter(out)
@@ -124,10 +150,10 @@ def label_shard(
         with ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:
             sink = OrderedSink(write, depth=4 * batch_size)
             submit = lambda s: sink.put(pool.submit(encode, s, models))  # noqa: E731
-            bucketer = Bucketer(batch_size, key=teacher_size)
+            bucketer = Bucketer(batch_size, key=labelers.batch_key)
             try:
                 decoded = prefetch_map(
-                    lambda m: decode(sample_from_members(m, task.source)),
+                    lambda m: labelers.decode(sample_from_members(m, task.source)),
                     iter_tar_samples(stream), pool, depth=2 * batch_size)
                 for sample in decoded:
                     if not sample.ok:
@@ -144,7 +170,7 @@ def label_shard(
         result.tar_size = tar.close()
         stamp = dt.datetime.now(dt.timezone.utc)
         for row in rows:
-            row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind="pseudo",
+            row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind=labelers.source_kind,
                        worker=worker, attempt=task.attempt, labeled_at=stamp)
         owner = {"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}
         result.committed = commit_shard(output, task.name, out, encode_part(rows), owner, claim)

@@ -25,6 +25,8 @@ class Sample:
     width: int | None = None
     raw: np.ndarray | None = None               # teacher output at image size (float32)
     sky: np.ndarray | None = None               # bool HxW, True = sky
+    valid: np.ndarray | None = None             # bool HxW, ground truth only: True = label known
+    ground_truth: str | None = None             # ground truth only: the member it came from
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
@@ -34,5 +36,5 @@ class Sample:
 
     def fail(self, reason: str) -> "Sample":
         self.error = reason
-        self.image = self.raw = self.sky = None
+        self.image = self.raw = self.sky = self.valid = None
         return self

@@ -34,12 +34,13 @@ SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sky_fraction", pa.float32()),
-        ("disp_min", pa.float32()),      # raw teacher range over non-sky pixels
+        ("disp_min", pa.float32()),      # raw range over the normalized pixels (teacher output, or 1/t)
         ("disp_max", pa.float32()),
         ("teacher", pa.string()),
         ("sky_model", pa.string()),
         # beyond the required
         ("source_kind", pa.string()),    # "pseudo" (teacher labels) or "gt"
+        ("valid_fraction", pa.float32()),  # gt only: share of pixels valid.png marks valid
         ("degenerate", pa.bool_()),      # hi - lo ~ 0 or no non-sky pixel: label is all 0
         ("disp_p05", pa.float32()),      # percentiles of the normalized label over non-sky pixels
         ("disp_p50", pa.float32()),

@@ -1,0 +1,162 @@
+"""``evaluate``: the Python API under ``depth-engine evaluate`` — a teacher's zero-shot AbsRel
+and δ1 on a labeled set, on the engine's actors.
+
+SOURCE is an OUTPUT (its committed shards are read; the label stored there is scored too) or
+an INPUT in any form ``label`` takes. Nothing is written anywhere.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine import job
+from engine.config import DTYPES, ConfigError
+from engine.executor import Scheduler
+from engine.inputs import InputError, expand
+from engine.label import actor_layout, start_ray
+from engine.progress import ProgressBar
+from labelers.ground_truth import GroundTruthRule
+from pipelines.evaluate import ShardEvaluation, summarize
+from pipelines.models import ModelSourceError, resolve
+from pipelines.pseudo_label import ShardTask
+from storage import layout
+from storage.objectstore import StorageError, open_store
+
+# The paper's zero-shot figures (Depth Anything ViT-L, Table 2) to read a result against.
+PAPER = {"KITTI": {"abs_rel": 0.076, "delta1": 0.947}, "NYUv2": {"abs_rel": 0.043, "delta1": 0.981}}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str
+    teacher: str
+    ground_truth: GroundTruthRule = GroundTruthRule()
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_attempts: int = 3
+    ray_address: str | None = None
+    threads: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype in ("fp16", "bf16") and self.device == "cpu":
+            raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+
+
+@dataclass(frozen=True)
+class Source:
+    shards: list[str]      # shard URLs to read
+    kind: str              # "input", or the OUTPUT's source_kind: "gt" / "pseudo"
+    label: str | None      # what the OUTPUT's disp.png holds, for the report
+
+
+def source_shards(spec: str) -> Source:
+    """An OUTPUT (job.json present: its committed shards) or an INPUT pattern."""
+    if not any(c in spec for c in "{*?[@"):
+        try:
+            store = open_store(spec if spec.endswith("/") else spec + "/")
+            doc = job.read(store)
+        except (ValueError, StorageError):
+            doc = None
+        if doc is not None:
+            names = sorted(layout.listed_names(store, layout.MANIFEST, ".parquet"))
+            if not names:
+                raise ConfigError(f"{store.url} is an OUTPUT with no committed shard yet")
+            base = store.url.rstrip("/")
+            kind = job.source_kind(doc)
+            teacher = (doc["label"].get("teacher") or {}).get("source")
+            return Source([f"{base}/{layout.shard_key(n)}" for n in names], kind,
+                          "converted ground truth" if kind == "gt" else f"pseudo-label of {teacher}")
+    try:
+        return Source(expand(spec), "input", None)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """The report ``depth-engine evaluate --json`` prints: aggregates, then one row per sample."""
+    from engine.worker import EvalActor, EvalSpec
+
+    t0 = time.time()
+    source = source_shards(config.source)
+    try:
+        teacher = resolve(config.teacher)
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    results: list[ShardEvaluation] = []
+    failed: dict[str, str] = {}
+    started = start_ray(config)
+    try:
+        n, options, device, torch_threads = actor_layout(config)
+        spec = EvalSpec(teacher=config.teacher, teacher_sha256=teacher.sha256, ground_truth=config.ground_truth,
+                        device=device, dtype=config.dtype, batch_size=config.batch_size,
+                        threads=config.threads, torch_threads=torch_threads)
+        bar = ProgressBar(len(source.shards), enabled=config.progress)
+
+        def on_result(r: ShardEvaluation) -> None:
+            results.append(r)
+            bar.shard_done(r)
+
+        def on_failure(task: ShardTask, errors: list[dict]) -> None:
+            failed[task.name] = errors[-1]["error"]
+            bar.shard_failed(task.name, errors[-1]["error"])
+
+        tasks = [ShardTask(u, layout.shard_name(u)) for u in source.shards]
+        scheduler = Scheduler(lambda: EvalActor.options(**options).remote(spec), min(n, len(tasks)),
+                              max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
+                              on_tick=bar.live, on_event=bar.event)
+        try:
+            scheduler.run(tasks)
+        finally:
+            bar.close()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    rows = [row for r in sorted(results, key=lambda r: r.name) for row in r.rows]
+    return {
+        "source": config.source, "source_kind": source.kind, "stored_label": source.label,
+        "teacher": teacher.provenance(), "ground_truth": {"scale": config.ground_truth.scale,
+                                                          "max_depth": config.ground_truth.max_depth},
+        "protocol": "least-squares scale and shift in disparity space over valid pixels; "
+                    "AbsRel and delta1 (<1.25) in depth space; means over samples",
+        "summary": summarize(rows), "paper": PAPER,
+        "shards": {"total": len(source.shards), "evaluated": len(results), "failed": len(failed)},
+        "failed_shards": failed, "device": device, "wall_seconds": time.time() - t0,
+        "samples": rows,
+    }
+
+
+def print_report(r: dict, worst: int = 10) -> None:
+    s = r["summary"]
+    print(f"{s['samples']} samples: {s['scored']} scored, {s['skipped']} without ground truth, "
+          f"{s['errors']} errors; shards: {r['shards']['evaluated']} evaluated, {r['shards']['failed']} failed")
+    lines = [("teacher", r["teacher"]["source"], s["teacher"])]
+    if s["label"]["samples"]:
+        lines.append(("stored label", r["stored_label"] or "disp.png", s["label"]))
+    print(f"{'':14}{'AbsRel':>9}{'δ1':>9}{'samples':>9}  model")
+    for what, name, m in lines:
+        print(f"{what:14}{_num(m['abs_rel']):>9}{_num(m['delta1']):>9}{m['samples']:>9}  {name}")
+    for name, m in r["paper"].items():
+        print(f"{'paper ' + name:14}{_num(m['abs_rel']):>9}{_num(m['delta1']):>9}{'':>9}  Depth Anything ViT-L")
+    scored = [x for x in r["samples"] if x["status"] == "ok"]
+    if len(scored) > 1:
+        print(f"worst samples by teacher AbsRel (all {len(scored)} in --json):")
+        for x in sorted(scored, key=lambda x: -x["teacher"]["abs_rel"])[:worst]:
+            print(f"  {x['shard']}/{x['key']}: AbsRel {_num(x['teacher']['abs_rel'])}, "
+                  f"δ1 {_num(x['teacher']['delta1'])}, {x['pixels']} pixels")
+    for name, why in r["failed_shards"].items():
+        print(f"  failed shard {name}: {why}")
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
