@@ -204,6 +204,10 @@ def print_audit(r: dict) -> None:
           f"{s['failed']} failed, {s['pending']} pending of {s['total']}")
     for reason, n in list(r["errors_by_reason"].items())[:10]:
         print(f"  {n:>8}  {reason}")
+    if r["source_kind"].get("gt") and r["valid_fraction"]["count"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in r["source_kind"].items())
+        v = r["valid_fraction"]
+        print(f"samples by source: {kinds}; valid fraction of ground truth: mean {v['mean']:.3f}, min {v['min']:.3f}")
     sky, rng = r["sky_fraction"], r["disparity"]["raw_range"]
     if sky["count"]:
         print(f"sky fraction: mean {sky['mean']:.3f}, p50 {sky['p50']:.3f}, p95 {sky['p95']:.3f}")

@@ -81,3 +81,14 @@ def reference_sky(model, processor, image: np.ndarray, sky_ids) -> np.ndarray:
         outputs = model(**processor(images=image, return_tensors="pt"))
     labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0]
     return np.isin(labels.numpy(), sky_ids)
+
+
+def reference_metrics(pred, gt_disp, valid, max_depth=None):
+    """np.linalg.lstsq for the alignment; the cap and metrics written out again."""
+    m = valid & np.isfinite(gt_disp)
+    A = np.stack([pred[m], np.ones(m.sum())], axis=1)
+    (s, b), *_ = np.linalg.lstsq(A, gt_disp[m], rcond=None)
+    cap = 1 / max_depth if max_depth else gt_disp[m].min()
+    pd = 1 / np.clip(s * pred[m] + b, cap, None)
+    gd = 1 / gt_disp[m]
+    return np.mean(np.abs(pd - gd) / gd), np.mean(np.maximum(pd / gd, gd / pd) < 1.25), s, b

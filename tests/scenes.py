@@ -38,6 +38,15 @@ def render(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return image, depth
 
 
+def with_invalid(depth: np.ndarray) -> np.ndarray:
+    """The holes a real sensor leaves: zeros (no return), NaN and inf."""
+    gt = depth.copy()
+    gt[:6, :9] = 0.0
+    gt[-3:, -4:] = np.nan
+    gt[20, 5:15] = np.inf
+    return gt
+
+
 def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")

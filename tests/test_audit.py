@@ -110,6 +110,7 @@ def test_flags_name_the_suspect_samples_and_shards(output):
         "no_sky": sum(x["sky_fraction"] == 0 for x in ok) if job_has_sky else 0,
         "constant_disparity": sum(x["degenerate"] or (x["disp_p95"] - x["disp_p05"] < 0.01) for x in ok),
         "tiny_image": sum(min(x["width"], x["height"]) < 64 for x in ok),
+        "low_valid": 0,      # pseudo-labels: every pixel labeled (tests/test_ground_truth.py has gt)
     }
     assert {k: f["count"] for k, f in flags.items()} == want
     for kind, f in flags.items():

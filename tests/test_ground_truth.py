@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 
 from builders import write_shard
+from helpers_models import reference_metrics
 from labelers.ground_truth import (GroundTruthError, GroundTruthRule, decode_ground_truth, find_member,
                                    read_values, to_disparity)
+from pipelines.audit import audit
 from pipelines.evaluate import evaluate_shard, summarize
 from pipelines.metrics import align_scale_shift, evaluate_disparity
 from pipelines.pseudo_label import Labelers, ShardTask, label_shard
-from scenes import ExactTeacher, exr, npy, pfm, png, render
+from scenes import ExactTeacher, exr, npy, pfm, png, render, with_invalid
 from storage.manifest import dataset
 from storage.objectstore import open_store
 
@@ -25,15 +27,6 @@ def png16(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a.astype(np.uint16)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def with_invalid(depth: np.ndarray) -> np.ndarray:
-    """The holes a real sensor leaves: zeros (no return), NaN and inf."""
-    gt = depth.copy()
-    gt[:6, :9] = 0.0
-    gt[-3:, -4:] = np.nan
-    gt[20, 5:15] = np.inf
-    return gt
 
 
 # -- readers and the validity rule -----------------------------------------------------------
@@ -83,17 +76,6 @@ def test_member_lookup_and_clear_refusals():
 
 
 # -- metrics against an independent computation --------------------------------------------
-
-def reference_metrics(pred, gt_disp, valid, max_depth=None):
-    """np.linalg.lstsq for the alignment; the cap and metrics written out again."""
-    m = valid & np.isfinite(gt_disp)
-    A = np.stack([pred[m], np.ones(m.sum())], axis=1)
-    (s, b), *_ = np.linalg.lstsq(A, gt_disp[m], rcond=None)
-    cap = 1 / max_depth if max_depth else gt_disp[m].min()
-    pd = 1 / np.clip(s * pred[m] + b, cap, None)
-    gd = 1 / gt_disp[m]
-    return np.mean(np.abs(pd - gd) / gd), np.mean(np.maximum(pd / gd, gd / pd) < 1.25), s, b
-
 
 def test_alignment_and_metrics_match_lstsq():
     rng = np.random.default_rng(1)
@@ -172,6 +154,24 @@ def test_conversion_matches_the_label_definition(scene_shard, tmp_path):
         assert members[f"{key}.png"] == png(image)          # the image, unchanged
         gt_member = [m["name"] for m in row["members"] if ".depth." in m["name"]]
         assert len(gt_member) == 1                           # the ground truth is carried too
+
+
+def test_audit_of_a_conversion_counts_kinds_and_flags_sparse_ground_truth(scene_shard, tmp_path):
+    src, truth, units = scene_shard
+    image, depth = render(60, 80, seed=7)
+    sparse = np.zeros_like(depth)
+    sparse[::5, ::5] = depth[::5, ::5]                    # lidar-like: 4 % of the pixels
+    extra = write_shard(tmp_path / "sparse.tar", [{"__key__": "sparse", "png": png(image), "depth.npy": npy(sparse)}])
+    out = open_store(str(tmp_path / "out"))
+    for shard, name in ((src, "scenes-000000"), (extra, "sparse")):
+        label_shard(ShardTask(shard, name), Labelers(None, None, GroundTruthRule()), out)
+    r = audit(out)
+    rows = [x for x in dataset(out).to_table().to_pylist() if x["status"] == "ok"]
+    fractions = np.array([x["valid_fraction"] for x in rows])
+    assert r["source_kind"] == {"gt": 7}
+    assert r["valid_fraction"]["count"] == 5 and r["valid_fraction"]["mean"] == pytest.approx(fractions.mean(), abs=1e-4)
+    assert r["valid_fraction"]["min"] == pytest.approx(0.04, abs=1e-4)
+    assert r["flags"]["samples"]["low_valid"] == {"count": 1, "samples": [{"shard": "sparse.tar", "key": "sparse"}]}
 
 
 def test_max_depth_marks_far_pixels_invalid(scene_shard, tmp_path):

@@ -20,22 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from builders import bad_members, photo_samples, write_shard
+from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from pipelines.models import resolve
-
-
-def run(*args, env=None, check=None):
-    e = {**os.environ, **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
-                       env=e, timeout=600)
-    if check is not None and p.returncode != check:
-        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
-    return p
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEPTH_ENGINE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def make_inputs(directory: Path) -> list[str]:

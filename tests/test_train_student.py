@@ -8,11 +8,21 @@ import numpy as np
 import pytest
 
 from builders import photo_samples, write_shard
+from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.pseudo_label import Labelers, ShardTask, label_shard
 from pipelines.student.train import TrainConfig, train
+from scenes import npy, png, render, with_invalid
 from storage.objectstore import open_store
+
+
+def scene_samples(sizes, prefix: str, seed: int) -> list[dict]:
+    out = []
+    for j, (h, w) in enumerate(sizes):
+        image, depth = render(h, w, seed=seed + j)
+        out.append({"__key__": f"{prefix}{j:04d}", "png": png(image), "depth.npy": npy(with_invalid(depth))})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +34,19 @@ def setup(tiny_models, tmp_path_factory):
 
     transformers.logging.set_verbosity_error()
     tmp = tmp_path_factory.mktemp("train")
-    labelers = Labelers(Teacher.load(tiny_models.teacher), SkySegmenter.load(tiny_models.sky))
+    sky = SkySegmenter.load(tiny_models.sky)
+    # Labeled: analytic scenes with holes in their depth, converted (valid.png); pseudo: photos.
+    labelers = {"labeled": Labelers(None, sky, GroundTruthRule()),
+                "pseudo": Labelers(Teacher.load(tiny_models.teacher), sky)}
     outs = {}
     for kind in ("labeled", "pseudo"):
         out = open_store(str(tmp / kind))
         for i in range(3):
-            src = write_shard(tmp / f"{kind}-{i}.tar", photo_samples([(70, 90), (90, 70), (80, 80)] * 2,
-                                                                      prefix=f"{kind}{i}-", seed=i))
-            label_shard(ShardTask(src, f"{kind}-{i}"), labelers, out, batch_size=4, threads=2)
+            sizes = [(70, 90), (90, 70), (80, 80)] * 2
+            samples = (scene_samples(sizes, f"{kind}{i}-", seed=10 * i) if kind == "labeled"
+                       else photo_samples(sizes, prefix=f"{kind}{i}-", seed=i))
+            src = write_shard(tmp / f"{kind}-{i}.tar", samples)
+            label_shard(ShardTask(src, f"{kind}-{i}"), labelers[kind], out, batch_size=4, threads=2)
         outs[kind] = str(tmp / kind)
     student = save_random_teacher(tmp / "student", size="tiny", image_size=56, seed=3)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
