@@ -1,0 +1,196 @@
+"""What ``bench`` holds the engine against, on the same models, images and resources:
+
+- model-only: the same batches through the same models (``label_batch``), images decoded
+  beforehand, nothing read or written: the ceiling for end-to-end throughput;
+- a plain Ray Data pipeline: ``read_webdataset -> map_batches(actor) -> write_webdataset``
+  doing the same decode, sky, teacher, normalize and encode: the obvious alternative;
+- the naive loop: one image at a time through transformers' ``pipeline("depth-estimation")``
+  and ``pipeline("image-segmentation")``: what one writes first.
+
+Each returns images/s per repeat; model load and actor start are timed apart from them.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from engine.worker import WorkerSpec, load_labelers
+from pipelines.concurrency import Bucketer
+from pipelines.decode import decode, sample_from_members
+from pipelines.encode import disparity_png, encode, mask_png
+from pipelines.pseudo_label import label_batch
+from pipelines.sample import Sample
+from storage.objectstore import locate
+from storage.shards import iter_tar_samples
+
+
+def rates(images: int, seconds: list[float]) -> dict:
+    """Median images/s of the repeats and their spread."""
+    per = [images / s for s in seconds]
+    return {"images_per_second": statistics.median(per), "min": min(per), "max": max(per),
+            "runs": [round(r, 4) for r in per], "images": images}
+
+
+def read_images(shards: list[str]) -> list[np.ndarray]:
+    """Every image of the shards, decoded as the engine decodes (the model-only input)."""
+    images = []
+    for url in shards:
+        store, key = locate(url)
+        with store.open_read(key) as stream:
+            for members in iter_tar_samples(stream):
+                sample = decode(sample_from_members(members, url))
+                if sample.ok:
+                    images.append(sample.image)
+    return images
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_only(spec: WorkerSpec, images: list[np.ndarray], repeats: int) -> dict:
+    """The models alone on pre-decoded images, batched as the engine batches them."""
+    t0 = time.perf_counter()
+    labelers = load_labelers(spec)
+    load = time.perf_counter() - t0
+    device = labelers.teacher.device
+
+    def batches() -> list[list[Sample]]:
+        samples = [Sample(key=str(i), source="", image=im, height=im.shape[0], width=im.shape[1])
+                   for i, im in enumerate(images)]
+        bucketer, out = Bucketer(spec.batch_size, key=labelers.batch_key), []
+        for s in samples:
+            out += bucketer.add(s)
+        return out + bucketer.flush()
+
+    for batch in batches()[:2]:                       # warm-up: kernels, allocator, caches
+        label_batch(batch, labelers)
+    seconds = []
+    for _ in range(repeats):
+        todo = batches()
+        _sync(device)
+        t0 = time.perf_counter()
+        for batch in todo:
+            label_batch(batch, labelers)
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return {**rates(len(images), seconds), "model_load_seconds": round(load, 2)}
+
+
+@ray.remote(num_cpus=0)
+class Clock:
+    """When the first Ray Data labeling actor had its models loaded (steady state starts)."""
+
+    def __init__(self):
+        self.first: float | None = None
+
+    def ready(self, t: float) -> None:
+        self.first = t if self.first is None else min(self.first, t)
+
+    def get(self) -> float | None:
+        return self.first
+
+
+class RayDataLabeler:
+    """The map_batches actor: the engine's own stages over each batch Ray Data hands it."""
+
+    def __init__(self, spec: WorkerSpec, clock):
+        self.labelers = load_labelers(spec)
+        self.models = self.labelers.names
+        ray.get(clock.ready.remote(time.time()))
+
+    def __call__(self, batch: dict) -> dict:
+        samples = [decode(Sample(key=k, source=u, image_ext="jpg", image_bytes=b))
+                   for k, u, b in zip(batch["__key__"], batch["__url__"], batch["jpg"])]
+        ok = [s for s in samples if s.ok]
+        if ok:
+            label_batch(ok, self.labelers)
+        encoded = [encode(s, self.models) for s in samples if s.ok]
+        columns = ("jpg", "disp.png", "sky.png", "json") if self.labelers.sky else ("jpg", "disp.png", "json")
+        out = {"__key__": np.array([e.key for e in encoded], dtype=object)}
+        for c in columns:
+            out[c] = np.array([e.members[c] for e in encoded], dtype=object)
+        return out
+
+
+def ray_data_pipeline(spec: WorkerSpec, shards: list[str], out_dir: Path, actors: int, actor_options: dict,
+                      repeats: int) -> dict:
+    """read_webdataset -> map_batches(RayDataLabeler) -> write_webdataset, timed from the first
+    actor with loaded models to the last shard written."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    seconds, startup, images = [], [], 0
+    for r in range(repeats):
+        clock = Clock.remote()
+        ds = ray.data.read_webdataset(shards, decoder=None, include_paths=False).map_batches(
+            RayDataLabeler, fn_constructor_kwargs={"spec": spec, "clock": clock}, batch_size=spec.batch_size,
+            concurrency=actors, batch_format="numpy", **actor_options)
+        t0 = time.time()
+        ds.write_webdataset(str(out_dir / f"run-{r}"), encoder=False)
+        end = time.time()
+        first = ray.get(clock.get.remote()) or t0
+        seconds.append(end - first)
+        startup.append(first - t0)
+        ray.kill(clock)
+        images = sum(len(_tar_keys(p)) for p in (out_dir / f"run-{r}").glob("*.tar"))
+    return {**rates(images, seconds), "startup_seconds": round(statistics.median(startup), 2)}
+
+
+def _tar_keys(path: Path) -> set[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name.split(".", 1)[0] for m in tar.getmembers()}
+
+
+def naive_loop(teacher: str, sky: str | None, shards: list[str], out_dir: Path, device: str, repeats: int) -> dict:
+    """One image at a time through transformers' pipelines, written with webdataset's TarWriter."""
+    import webdataset as wds
+    from PIL import Image
+    from transformers import pipeline
+
+    from labelers.normalize import normalize_disparity
+
+    t0 = time.perf_counter()
+    depth = pipeline("depth-estimation", model=teacher, device=device)
+    seg = pipeline("image-segmentation", model=sky, device=device) if sky else None
+    load = time.perf_counter() - t0
+    samples = []
+    for url in shards:
+        store, key = locate(url)
+        with store.open_read(key) as stream:
+            samples += [(m["__key__"], m["jpg"]) for m in iter_tar_samples(stream)]
+
+    def label_one(data: bytes) -> dict:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        raw = depth(image)["predicted_depth"].float().cpu().numpy()
+        sky_mask = None
+        if seg is not None:
+            found = [np.asarray(s["mask"]) > 0 for s in seg(image) if s["label"].strip().lower() == "sky"]
+            sky_mask = np.logical_or.reduce(found) if found else np.zeros(raw.shape, bool)
+        label = normalize_disparity(raw, sky_mask)
+        members = {"disp.png": disparity_png(label.disparity)}
+        if sky_mask is not None:
+            members["sky.png"] = mask_png(sky_mask)
+        return members
+
+    label_one(samples[0][1])                      # warm-up
+    seconds = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        with wds.TarWriter(str(out_dir / f"naive-{r}.tar")) as sink:
+            for key, data in samples:
+                sink.write({"__key__": key, "jpg": data, **label_one(data)})
+        seconds.append(time.perf_counter() - t0)
+    return {**rates(len(samples), seconds), "model_load_seconds": round(load, 2)}
