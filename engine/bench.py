@@ -1,15 +1,16 @@
 """``depth-engine bench``: figures to reproduce before a job, on the user's own machine.
 
-What it measures today, in one run:
-- the engine end to end (``label`` with a local Ray: storage -> shards -> manifest) on
-  synthetic shards: images/s and the fraction of actor time inside the models;
-- with ``--memory``: one worker's peak RSS labeling a shard of N images and one of 10 N
-  images, each in a fresh worker, so a reader can see that memory is flat in shard size.
-- with ``--audit N``: ``audit --json`` time and peak memory over a synthetic manifest of N rows;
-- with ``--plan N``: resume planning time for an OUTPUT holding N committed shards
-  (placeholder manifest parts; planning reads listings only, never a part).
-Model load and cluster start are outside the steady-state figures (``label`` reports
-images/s over the shard work only).
+In one run, on the same synthetic shards (mixed sizes and aspect ratios, JPEG), the same
+models and the same resources, after a warm-up, each repeated (median and spread):
+
+- model-only: the engine's batches through the models, no I/O (the ceiling);
+- end to end: ``label`` with Ray, storage -> shards -> manifest (local, or ``--output s3://``);
+- a plain Ray Data pipeline doing the same labeling (read_webdataset -> map_batches -> write);
+- the naive per-image loop over transformers' pipelines;
+
+and the ratios of the engine to each. Steady-state rates exclude cluster start and model load,
+which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
+of 10 N, each in a fresh worker. ``--plan N`` / ``--audit N``: see engine.bench_scale.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.bench_scale import audit_figures, plan_figures
 from engine.config import ConfigError, LabelConfig
 from engine.synthetic import DEFAULT_SIZES, write_shard
 
@@ -30,6 +32,7 @@ class BenchConfig:
     teacher_size: str = "vits"
     sky_size: str = "b0"
     image_size: int = 518                 # processor size of the random teacher
+    sky_image_size: int = 512             # processor size of the random segmenter
     images: int = 64
     sizes: list = field(default_factory=lambda: list(DEFAULT_SIZES))
     memory: bool = False
@@ -40,11 +43,15 @@ class BenchConfig:
     workdir: str | None = None
     plan: int = 0                         # committed shards for the planning figure
     audit: int = 0                        # manifest rows for the audit figure
-    output: str | None = None             # where to build that OUTPUT (default: workdir)
+    output: str | None = None             # OUTPUT of the end-to-end runs, or of --plan/--audit
+    repeats: int = 3
+    baselines: bool = True                # model-only, Ray Data and naive figures beside the engine's
 
     def __post_init__(self):
         if self.images < 1:
             raise ConfigError(f"--images must be >= 1, got {self.images}")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -70,20 +77,23 @@ def _models(cfg: BenchConfig, root: Path) -> tuple[str, str | None, dict]:
         teacher = str(path)
         desc["teacher"] = f"random {cfg.teacher_size} at {cfg.image_size}"
     if sky is None:
-        path = root / f"random-segmenter-{cfg.sky_size}"
+        path = root / f"random-segmenter-{cfg.sky_size}-{cfg.sky_image_size}"
         if not (path / "config.json").exists():
-            save_random_segmenter(path, size=cfg.sky_size)
+            save_random_segmenter(path, size=cfg.sky_size, image_size=cfg.sky_image_size)
         sky = str(path)
-        desc["sky"] = f"random {cfg.sky_size}"
+        desc["sky"] = f"random {cfg.sky_size} at {cfg.sky_image_size}"
     return teacher, None if sky == "none" else sky, desc
+
+
+def _config(cfg: BenchConfig, inputs: str, output: str, teacher: str, sky: str | None) -> LabelConfig:
+    return LabelConfig(input=inputs, output=output, teacher=teacher, sky=sky, batch_size=cfg.batch_size,
+                       workers=cfg.workers, device=cfg.device, dtype=cfg.dtype, progress=False)
 
 
 def _label(cfg: BenchConfig, inputs: str, output: str, teacher: str, sky: str | None):
     from engine.label import label
 
-    return label(LabelConfig(input=inputs, output=output, teacher=teacher, sky=sky,
-                             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
-                             dtype=cfg.dtype, progress=False))
+    return label(_config(cfg, inputs, output, teacher, sky))
 
 
 def machine() -> dict:
@@ -96,100 +106,6 @@ def machine() -> dict:
     return info
 
 
-def plan_figures(output_url: str, n: int) -> dict:
-    """Time resume planning over an OUTPUT with n committed shards (and n + n/10 inputs)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from engine.plan import plan
-    from storage import layout
-    from storage.objectstore import open_store
-
-    out = open_store(output_url)
-    names = [f"shard-{i:07d}" for i in range(n)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda name: out.put(layout.manifest_key(name), b"\0"), names))
-    built = time.perf_counter() - t0
-    inputs = [f"s3://raw/{name}.tar" for name in names] + [f"s3://raw/new-{i:07d}.tar" for i in range(n // 10)]
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        p = plan(out, inputs)
-        times.append(time.perf_counter() - t0)
-    assert len(p.committed) == n and len(p.todo) == n // 10
-    return {"output": output_url, "committed_shards": n, "inputs": len(inputs),
-            "plan_seconds": sorted(times)[1], "plan_seconds_all": [round(t, 3) for t in times],
-            "build_seconds": round(built, 1)}
-
-
-def synthetic_manifest(output_url: str, rows: int, per_part: int = 10_000, seed: int = 0) -> None:
-    """Manifest parts of ``per_part`` plausible rows (2 % errors) totalling ``rows``, written
-    directly: the audit benchmark needs a manifest, not labels."""
-    import io
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from storage import layout
-    from storage.manifest import SCHEMA
-    from storage.objectstore import open_store
-
-    out = open_store(output_url)
-    rng = np.random.default_rng(seed)
-    parts = max(1, -(-rows // per_part))
-    per = rows // parts
-    for i in range(parts):
-        n = per + (1 if i < rows % parts else 0)
-        ok = rng.random(n) > 0.02
-        lo = rng.random(n).astype(np.float32)
-        cols = {
-            "key": pa.array([f"k{i:05d}-{j:06d}" for j in range(n)]),
-            "shard": pa.array([f"shard-{i:06d}.tar"] * n),
-            "source": pa.array([f"s3://raw/shard-{i:06d}.tar"] * n),
-            "status": pa.array(np.where(ok, "ok", "error")),
-            "error": pa.array(np.where(ok, None, rng.choice(
-                ["cannot decode image: image file is truncated (12 bytes not processed)", "empty image member"], n))),
-            "width": pa.array(rng.choice([640, 500, 1024, 1280, 48], n).astype(np.int32)),
-            "height": pa.array(rng.choice([480, 375, 768, 720, 60], n).astype(np.int32)),
-            "sky_fraction": pa.array(np.clip(rng.beta(0.5, 2.0, n), 0, 1).astype(np.float32)),
-            "disp_min": pa.array(lo), "disp_max": pa.array(lo + rng.gamma(2.0, 5.0, n).astype(np.float32)),
-            "degenerate": pa.array(rng.random(n) < 0.001),
-            "disp_p05": pa.array(rng.random(n).astype(np.float32) * 0.1),
-            "disp_p50": pa.array(rng.random(n).astype(np.float32) * 0.5 + 0.2),
-            "disp_p95": pa.array(rng.random(n).astype(np.float32) * 0.1 + 0.85),
-        }
-        arrays = [cols[f.name].cast(f.type) if f.name in cols else pa.nulls(n, f.type) for f in SCHEMA]
-        table = pa.Table.from_arrays(arrays, schema=SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        out.put(layout.manifest_key(f"shard-{i:06d}"), buf.getvalue())
-
-
-def audit_figures(output_url: str, rows: int) -> dict:
-    """Time ``depth-engine audit --json`` over a synthetic manifest of ``rows`` rows, in a
-    child process so its peak RSS is its own."""
-    import json
-    import resource
-    import subprocess
-    import sys
-    import time
-
-    t0 = time.perf_counter()
-    synthetic_manifest(output_url, rows)
-    built = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "engine", "audit", output_url, "--json"],
-                       capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    report = json.loads(p.stdout)
-    assert report["samples"] == rows
-    return {"output": output_url, "rows": rows, "audit_seconds": round(seconds, 2),
-            "audit_peak_rss_mb": round(peak, 1), "build_seconds": round(built, 1)}
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
     if cfg.audit:
@@ -198,26 +114,86 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     teacher, sky, desc = _models(cfg, root / "models")
     report = {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher),
-                                               "sky": desc.get("sky", sky or "none")}}
+                                               "sky": desc.get("sky", sky or "none")},
+              "images": cfg.images, "sizes": [f"{w}x{h}" for h, w in cfg.sizes],
+              "batch_size": cfg.batch_size, "repeats": cfg.repeats}
     per_shard = max(1, cfg.images // 4)
-    for i in range(0, cfg.images, per_shard):
-        write_shard(root / "e2e" / f"bench-{i // per_shard:06d}.tar", min(per_shard, cfg.images - i),
-                    cfg.sizes, seed=i)
-    s = _label(cfg, f"{root}/e2e/", str(root / "out-e2e"), teacher, sky)
-    report["end_to_end"] = {k: v for k, v in s.to_json().items()
-                            if k in ("samples_ok", "samples_error", "wall_seconds", "images_per_second",
-                                     "model_busy_fraction", "workers", "device", "peak_worker_rss_mb")}
-    if cfg.memory:
-        report["memory"] = {}
-        for label_, n in (("small", cfg.images), ("large", 10 * cfg.images)):
-            shard = write_shard(root / f"mem-{label_}" / f"mem-{label_}.tar", n, cfg.sizes)
-            r = _label(cfg, str(shard), str(root / f"out-mem-{label_}"), teacher, sky)
-            report["memory"][label_] = {"images": n, "peak_worker_rss_mb": round(r.peak_worker_rss_mb, 1),
-                                        "images_per_second": round(r.images_per_second, 3)}
-        m = report["memory"]
-        m["large_over_small"] = round(m["large"]["peak_worker_rss_mb"] / m["small"]["peak_worker_rss_mb"], 3)
+    shards = [str(write_shard(root / "e2e" / f"bench-{i // per_shard:06d}.tar", min(per_shard, cfg.images - i),
+                              cfg.sizes, seed=i)) for i in range(0, cfg.images, per_shard)]
+
+    from engine.label import actor_layout, start_ray
+
+    started = start_ray(_config(cfg, "-", "-", teacher, sky))
+    try:
+        n, options, device, torch_threads = actor_layout(_config(cfg, "-", "-", teacher, sky))
+        report["device"], report["workers"] = device, n
+        e2e = _end_to_end(cfg, root, teacher, sky)
+        report["end_to_end"] = e2e
+        if cfg.baselines:
+            report.update(_baselines(cfg, root, shards, teacher, sky, n, device, torch_threads))
+            report["ratios"] = {f"end_to_end / {k}": round(e2e["images_per_second"] / report[k]["images_per_second"], 3)
+                                for k in ("model_only", "ray_data", "naive") if report[k].get("images_per_second")}
+        if cfg.memory:
+            report["memory"] = _memory(cfg, root, teacher, sky)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     report["workdir"] = str(root)
     return report
+
+
+def _end_to_end(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict:
+    from engine.bench_baselines import rates
+
+    base = (cfg.output or str(root / "out-e2e")).rstrip("/")
+    runs = [_label(cfg, f"{root}/e2e/", f"{base}/run-{r}/", teacher, sky) for r in range(cfg.repeats)]
+    last = runs[-1]
+    images = last.samples_ok + last.samples_error
+    return {**rates(images, [images / r.images_per_second for r in runs]),
+            "startup_seconds": round(sorted(r.startup_seconds for r in runs)[len(runs) // 2], 2),
+            "model_busy_fraction": round(last.model_busy_fraction, 4),
+            "stage_seconds": last.stage_seconds, "gpu_utilization": last.gpu_utilization,
+            "peak_worker_rss_mb": round(max(r.peak_worker_rss_mb for r in runs), 1),
+            "samples_error": last.samples_error, "output": base}
+
+
+def _baselines(cfg, root, shards, teacher, sky, actors, device, torch_threads) -> dict:
+    import gc
+
+    from engine.bench_baselines import model_only, naive_loop, ray_data_pipeline, read_images
+    from engine.worker import WorkerSpec
+    from pipelines.models import resolve
+
+    refs = {name: resolve(m).sha256 if m else None for name, m in (("teacher", teacher), ("sky", sky))}
+    spec = WorkerSpec(output="", teacher=teacher, teacher_sha256=refs["teacher"], sky=sky, sky_sha256=refs["sky"],
+                      device=device, dtype=cfg.dtype, batch_size=cfg.batch_size, torch_threads=torch_threads)
+    out = {"model_only": model_only(spec, read_images(shards), cfg.repeats)}
+    gc.collect()
+    try:
+        import ray.data  # noqa: F401 - ray[data] is an extra
+    except ImportError:
+        out["ray_data"] = {"skipped": "Ray Data is not installed: pip install 'depth-engine[bench]'"}
+    else:
+        # The actor takes one CPU (or the GPU) so that Ray Data's read and write tasks can run.
+        options = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
+        (root / "ray-data").mkdir(parents=True, exist_ok=True)
+        out["ray_data"] = ray_data_pipeline(spec, shards, root / "ray-data", actors, options, cfg.repeats)
+    (root / "naive").mkdir(parents=True, exist_ok=True)
+    out["naive"] = naive_loop(teacher, sky, shards, root / "naive", device, cfg.repeats)
+    return out
+
+
+def _memory(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict:
+    memory = {}
+    for label_, n in (("small", cfg.images), ("large", 10 * cfg.images)):
+        shard = write_shard(root / f"mem-{label_}" / f"mem-{label_}.tar", n, cfg.sizes)
+        r = _label(cfg, str(shard), str(root / f"out-mem-{label_}"), teacher, sky)
+        memory[label_] = {"images": n, "peak_worker_rss_mb": round(r.peak_worker_rss_mb, 1),
+                          "images_per_second": round(r.images_per_second, 3)}
+    memory["large_over_small"] = round(memory["large"]["peak_worker_rss_mb"] / memory["small"]["peak_worker_rss_mb"], 3)
+    return memory
 
 
 def print_report(r: dict) -> None:
@@ -231,11 +207,26 @@ def print_report(r: dict) -> None:
         print(f"planning: {p['plan_seconds']:.2f} s for {p['committed_shards']} committed shards "
               f"({p['inputs']} inputs) in {p['output']}")
         return
-    print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}")
+    print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}; {r['images']} images "
+          f"({', '.join(r['sizes'])}), batch {r['batch_size']}, {r['workers']} worker(s) on {r['device']}, "
+          f"median of {r['repeats']}")
+    rows = [("engine end to end", r["end_to_end"]), *[(name, r[key]) for key, name in
+            (("model_only", "model only"), ("ray_data", "Ray Data pipeline"), ("naive", "naive per-image loop"))
+            if key in r]]
+    print(f"{'':24}{'images/s':>10}{'min':>9}{'max':>9}")
+    for name, f in rows:
+        if "skipped" in f:
+            print(f"{name:24}  skipped: {f['skipped']}")
+        else:
+            print(f"{name:24}{f['images_per_second']:>10.3f}{f['min']:>9.3f}{f['max']:>9.3f}")
+    for name, value in r.get("ratios", {}).items():
+        print(f"{name}: {value:.3f}")
     e = r["end_to_end"]
-    print(f"end to end: {e['images_per_second']:.2f} images/s over {e['samples_ok']} images, "
-          f"models busy {100 * e['model_busy_fraction']:.1f}% of actor time, "
-          f"peak worker RSS {e['peak_worker_rss_mb']:.0f} MiB ({e['workers']} worker(s) on {e['device']})")
+    print(f"engine: start-up {e['startup_seconds']:.1f} s (excluded), models busy {100 * e['model_busy_fraction']:.1f}% "
+          f"of actor time, peak worker RSS {e['peak_worker_rss_mb']:.0f} MiB"
+          + (f", GPU {e['gpu_utilization']:.0f}% busy" if e.get("gpu_utilization") is not None else ""))
+    if e.get("stage_seconds"):
+        print("worker time by stage (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in e["stage_seconds"].items()))
     if "memory" in r:
         m = r["memory"]
         print(f"memory: peak worker RSS {m['small']['peak_worker_rss_mb']:.0f} MiB for {m['small']['images']} images, "

@@ -125,8 +125,11 @@ def ray_data_pipeline(spec: WorkerSpec, shards: list[str], out_dir: Path, actors
                       repeats: int) -> dict:
     """read_webdataset -> map_batches(RayDataLabeler) -> write_webdataset, timed from the first
     actor with loaded models to the last shard written."""
+    import logging
+
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -137,7 +140,7 @@ def ray_data_pipeline(spec: WorkerSpec, shards: list[str], out_dir: Path, actors
             RayDataLabeler, fn_constructor_kwargs={"spec": spec, "clock": clock}, batch_size=spec.batch_size,
             concurrency=actors, batch_format="numpy", **actor_options)
         t0 = time.time()
-        ds.write_webdataset(str(out_dir / f"run-{r}"), encoder=False)
+        ds.write_webdataset(str(out_dir / f"run-{r}"), encoder=None)   # members are bytes already
         end = time.time()
         first = ray.get(clock.get.remote()) or t0
         seconds.append(end - first)

@@ -91,6 +91,7 @@ def build_parser() -> Parser:
     b.add_argument("--teacher-size", default="vits", choices=["tiny", "vits", "vitb", "vitl"])
     b.add_argument("--sky-size", default="b0", choices=["tiny", "b0"])
     b.add_argument("--image-size", type=int, default=518, metavar="N", help="random teacher's input size")
+    b.add_argument("--sky-image-size", type=int, default=512, metavar="N", help="random segmenter's input size")
     b.add_argument("--images", type=int, default=64, metavar="N")
     b.add_argument("--sizes", default=None, metavar="WxH,...")
     b.add_argument("--memory", action="store_true", help="also peak worker RSS for N and 10 N image shards")
@@ -103,7 +104,10 @@ def build_parser() -> Parser:
                    help="only time resume planning over an OUTPUT with N committed shards")
     b.add_argument("--audit", type=int, default=0, metavar="ROWS",
                    help="only time `audit --json` over a synthetic manifest of ROWS rows")
-    b.add_argument("--output", default=None, metavar="URL", help="where --plan/--audit build their OUTPUT")
+    b.add_argument("--output", default=None, metavar="URL",
+                   help="OUTPUT prefix of the end-to-end runs (e.g. s3://bkt/bench/), or of --plan/--audit")
+    b.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs of each figure (median reported)")
+    b.add_argument("--engine-only", action="store_true", help="skip the model-only, Ray Data and naive figures")
     b.add_argument("--json", action="store_true")
 
     au = sub.add_parser("audit", help="manifest statistics and suspect samples/shards of OUTPUT")
@@ -277,9 +281,10 @@ def _bench(args) -> int:
 
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
-        image_size=args.image_size, images=args.images, memory=args.memory,
+        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+        workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
+        repeats=args.repeats, baselines=not args.engine_only, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0

@@ -60,6 +60,7 @@ class Scheduler:
         self.actors: list[_Actor] = []
         self.inflight: dict = {}            # ObjectRef -> (task, _Actor, started)
         self.no_ready_since: float | None = None
+        self.first_ready_at: float | None = None   # when the first actor had its models loaded
 
     # -- actors ---------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -76,6 +77,7 @@ class Scheduler:
             try:
                 a.name = ray.get(a.ready_ref)
                 a.ready_ref = None
+                self.first_ready_at = self.first_ready_at or time.time()
             except RayError as exc:
                 # A worker that cannot load its models fails every shard: that is not retryable.
                 if isinstance(exc, RayTaskError):

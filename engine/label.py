@@ -36,8 +36,11 @@ class Summary:
     samples_ok: int = 0
     samples_error: int = 0
     wall_seconds: float = 0.0
-    images_per_second: float = 0.0
+    startup_seconds: float = 0.0       # cluster start and model load, until the first worker was ready
+    images_per_second: float = 0.0     # steady state: from the first ready worker to the last shard
     model_busy_fraction: float = 0.0  # time inside the models / actor time, over this run's shards
+    stage_seconds: dict = field(default_factory=dict)   # per stage, summed over this run's shards
+    gpu_utilization: float | None = None                # mean sampled GPU utilization (%), if any
     workers: int = 0
     device: str = ""
     peak_worker_rss_mb: float = 0.0    # the largest peak RSS of any worker process
@@ -150,6 +153,7 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
 def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
     bar = ProgressBar(len(urls), enabled=config.progress)
     busy = {"model": 0.0, "actor": 0.0}
+    gpu: list[tuple[float, float]] = []          # (utilization, shard seconds)
     t_start = time.time()
 
     def on_result(r: ShardResult) -> None:
@@ -162,6 +166,10 @@ def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
         summary.samples_error += r.errors
         busy["model"] += r.model_seconds
         busy["actor"] += r.seconds
+        for stage, seconds in r.stage_seconds.items():
+            summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
+        if r.gpu_utilization is not None:
+            gpu.append((r.gpu_utilization, r.seconds))
         summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, r.peak_rss_bytes / 2**20)
         if config.retry_failed:
             output.delete(layout.failed_key(r.name))
@@ -185,7 +193,12 @@ def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
         scheduler.run(tasks)
     finally:
         bar.close()
-    wall = time.time() - t_start
+    ready = scheduler.first_ready_at or t_start
+    summary.startup_seconds = ready - t_start
+    wall = time.time() - ready
     done = summary.samples_ok + summary.samples_error
     summary.images_per_second = done / wall if wall > 0 else 0.0
     summary.model_busy_fraction = busy["model"] / busy["actor"] if busy["actor"] else 0.0
+    summary.stage_seconds = {k: round(v, 3) for k, v in summary.stage_seconds.items()}
+    if gpu:
+        summary.gpu_utilization = sum(u * s for u, s in gpu) / max(sum(s for _, s in gpu), 1e-9)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from labelers.devices import GpuSampler
 from labelers.ground_truth import GroundTruthRule
 from pipelines.commit import ClaimPolicy
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
@@ -75,6 +76,7 @@ class LabelActor:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.labelers = load_labelers(spec)
+        self.device = next((m.device for m in (self.labelers.teacher, self.labelers.sky) if m), "cpu")
         self.output = open_store(spec.output)
         gpus = ray.get_gpu_ids()
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
@@ -85,9 +87,11 @@ class LabelActor:
 
     def run(self, task: ShardTask) -> ShardResult:
         self.live = Progress(extra={"shard": task.name})
-        result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
-                             threads=self.spec.threads, worker=self.name, progress=self.live,
-                             claim=ClaimPolicy.of(self.spec.claim_seconds))
+        with GpuSampler(self.device) as gpu:
+            result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
+                                 threads=self.spec.threads, worker=self.name, progress=self.live,
+                                 claim=ClaimPolicy.of(self.spec.claim_seconds))
+        result.gpu_utilization = gpu.mean
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         return result
 

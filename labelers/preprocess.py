@@ -49,10 +49,12 @@ def _centres(src: int, dst: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.minimum(index, src - 1)).to(device)
 
 
-def check_image(image: np.ndarray) -> None:
-    """The labelers take decoded RGB: uint8 HxWx3."""
-    is_rgb = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-    if not is_rgb or image.dtype != np.uint8:
+def check_image(image: np.ndarray | torch.Tensor) -> None:
+    """The labelers take decoded RGB: uint8 HxWx3, a numpy array or a tensor already on the
+    model's device (labelers.devices.upload)."""
+    is_array = isinstance(image, (np.ndarray, torch.Tensor))
+    is_rgb = is_array and image.ndim == 3 and image.shape[2] == 3
+    if not is_rgb or image.dtype not in (np.uint8, torch.uint8):
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got shape {shape} dtype {dtype}")
@@ -113,21 +115,22 @@ class ImagePreprocess:
         return teacher_input_size(height, width, self.size_h, self.size_w, self.multiple, self.keep_aspect)
 
     def batches(
-        self, images: Sequence[np.ndarray], device: torch.device
+        self, images: Sequence[np.ndarray | torch.Tensor], device: torch.device
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(indices, stacked model input) per target size: one forward pass each, no padding."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             check_image(image)
-            groups[self.target_size(*image.shape[:2])].append(i)
+            groups[self.target_size(*tuple(image.shape[:2]))].append(i)
         for size, members in groups.items():
             yield members, torch.stack([self.pixels(images[i], size, device) for i in members])
 
-    def pixels(self, image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def pixels(self, image: np.ndarray | torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
         """One image as the model's float32 3xhxw input at `size`, computed on `device`."""
         check_image(image)
-        image = np.require(image, requirements=["C", "W"])  # torch wants writable memory
-        x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # torch wants writable memory
+        x = image.to(device).permute(2, 0, 1)[None].float()
         if tuple(x.shape[-2:]) != tuple(size):
             x = self._resize(x, size)
         if self.rescale_factor is not None:

@@ -113,10 +113,16 @@ def encode(sample: Sample, models: dict) -> Encoded:
         "width": width, "height": height, "sky_fraction": sky_fraction,
         "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **models,
         "valid_fraction": valid_fraction, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
-        "decode_s": sample.timings.get("decode"), "model_s": sample.timings.get("model"),
+        "decode_s": sample.timings.get("decode"), "sky_s": sample.timings.get("sky"),
+        "teacher_s": sample.timings.get("teacher"), "model_s": _model_seconds(sample.timings),
         "encode_s": sample.timings["encode"],
     }
     return Encoded(sample.key, members, row)
+
+
+def _model_seconds(timings: dict) -> float | None:
+    parts = [timings[k] for k in ("sky", "teacher") if k in timings]
+    return sum(parts) if parts else None
 
 
 def _finite(x: float) -> float | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
+from labelers.devices import upload
 from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
 from pipelines.decode import decode, decode_labeled, sample_from_members
@@ -84,9 +85,11 @@ class ShardResult:
     tar_size: int = 0
     seconds: float = 0.0           # wall time of the attempt
     model_seconds: float = 0.0     # time inside sky + teacher
+    stage_seconds: dict = field(default_factory=dict)   # decode/sky/teacher/encode/write/commit sums
     worker: str = ""
     attempt: int = 1
     peak_rss_bytes: int = 0        # the worker process's peak, filled in by the executor
+    gpu_utilization: float | None = None   # mean sampled GPU utilization (%), filled in by the worker
     committed: bool = True         # False: another attempt had committed the shard already
 
 
@@ -102,16 +105,20 @@ class Progress:
 
 def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     """Sky then teacher over one batch of decoded samples; returns model seconds. Ground
-    truth samples keep the raw disparity their decode stage read."""
-    images = [s.image for s in batch]
+    truth samples keep the raw disparity their decode stage read. On a GPU the images are
+    uploaded once, for both models."""
+    device = labelers.teacher.device if labelers.teacher else labelers.sky.device if labelers.sky else None
     t0 = time.perf_counter()
+    images = upload([s.image for s in batch], device) if device is not None else [s.image for s in batch]
     masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
+    t1 = time.perf_counter()
     raws = labelers.teacher.predict(images) if labelers.teacher else [s.raw for s in batch]
-    seconds = time.perf_counter() - t0
+    t2 = time.perf_counter()
     for s, mask, raw in zip(batch, masks, raws):
         s.sky, s.raw, s.image = mask, raw, None   # the pixels are no longer needed
-        s.timings["model"] = seconds / len(batch)
-    return seconds
+        s.timings["sky"] = (t1 - t0) / len(batch)
+        s.timings["teacher"] = (t2 - t1) / len(batch)
+    return t2 - t0
 
 
 def label_shard(
@@ -134,13 +141,18 @@ def label_shard(
     result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
     models = labelers.names
     rows: list[dict] = []
+    stages = result.stage_seconds
     in_store, in_key = locate(task.source)
 
     with in_store.open_read(in_key) as stream, output.open_write(layout.shard_key(task.name)) as out:
         tar = TarShardWriter(out)
 
         def write(enc: Encoded) -> None:
+            t0 = time.perf_counter()
             records = tar.add(enc.key, enc.members) if enc.members else []
+            stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
+            for stage in ("decode", "sky", "teacher", "encode"):
+                stages[stage] = stages.get(stage, 0.0) + (enc.row.get(f"{stage}_s") or 0.0)
             rows.append({**enc.row, "members": [
                 {"name": r.name, "offset": r.offset, "size": r.size, "sha256": r.sha256}
                 for r in records]})
@@ -167,6 +179,7 @@ def label_shard(
             except BaseException:
                 sink.abandon()
                 raise
+        t_close = time.perf_counter()
         result.tar_size = tar.close()
         stamp = dt.datetime.now(dt.timezone.utc)
         for row in rows:
@@ -174,6 +187,7 @@ def label_shard(
                        worker=worker, attempt=task.attempt, labeled_at=stamp)
         owner = {"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}
         result.committed = commit_shard(output, task.name, out, encode_part(rows), owner, claim)
+        stages["commit"] = time.perf_counter() - t_close   # completing the upload, the manifest part
 
     result.samples = len(rows)
     result.ok = sum(r["status"] == "ok" for r in rows)

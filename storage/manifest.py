@@ -48,8 +48,10 @@ SCHEMA = pa.schema(
         ("members", pa.list_(MEMBER)),   # every member of this sample in the tar
         ("tar_size", pa.int64()),        # size of the whole output tar
         ("decode_s", pa.float32()),
-        ("model_s", pa.float32()),       # this sample's share of its batch's model time
+        ("model_s", pa.float32()),       # this sample's share of its batch's model time (sky + teacher)
         ("encode_s", pa.float32()),
+        ("sky_s", pa.float32()),         # the sky model's share (upload of the batch included)
+        ("teacher_s", pa.float32()),     # the teacher's share
         ("worker", pa.string()),
         ("attempt", pa.int32()),
         ("labeled_at", pa.timestamp("ms", tz="UTC")),

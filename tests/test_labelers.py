@@ -230,6 +230,8 @@ def test_chunked_upsampling_equals_full_argmax(monkeypatch):
 
     torch.manual_seed(0)
     logits = torch.randn(1, 7, 13, 17)
+    logits[0, 6, :4] = logits[0, 2, :4]      # exact ties, sky first: argmax keeps the sky class
+    logits[0, 5, -4:] = logits[0, 1, -4:]    # exact ties, sky second: argmax keeps class 1
     size = (50, 61)
     sky_ids = (2, 5)
     expected = SegformerImageProcessor().post_process_semantic_segmentation(
@@ -237,11 +239,13 @@ def test_chunked_upsampling_equals_full_argmax(monkeypatch):
     )[0]
     expected = np.isin(expected.numpy(), sky_ids)
     assert 0 < expected.mean() < 1
-    whole = sky_from_logits(logits[0], sky_ids, size).numpy()
+    for per_class in (True, False):          # the CPU fold and the CUDA fold, both run here
+        whole = sky_from_logits(logits[0], sky_ids, size, per_class).numpy()
+        np.testing.assert_array_equal(whole, expected)
     monkeypatch.setattr(sky_module, "UPSAMPLE_BUDGET", 2 * size[0] * size[1])  # two classes at a time
-    chunked = sky_from_logits(logits[0], sky_ids, size).numpy()
-    np.testing.assert_array_equal(whole, expected)
-    np.testing.assert_array_equal(chunked, expected)
+    for per_class in (True, False):
+        chunked = sky_from_logits(logits[0], sky_ids, size, per_class).numpy()
+        np.testing.assert_array_equal(chunked, expected)
 
 
 def test_random_segmenter_finds_a_plausible_sky(segmenter, photos):
