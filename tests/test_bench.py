@@ -1,0 +1,62 @@
+"""``depth-engine bench`` reports every figure it promises, consistently. Figures are printed,
+never asserted against a time: tests check the report's shape and arithmetic, not speed."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
+
+TINY = ["--teacher-size", "tiny", "--image-size", "56", "--sky-size", "tiny", "--sky-image-size", "64",
+        "--sizes", "96x64,64x96,80x80", "--batch-size", "4"]
+
+
+def test_bench_reports_four_figures_and_their_ratios(tmp_path):
+    p = run("bench", *TINY, "--images", "8", "--repeats", "2", "--workdir", str(tmp_path), "--json", check=0)
+    r = json.loads(p.stdout)
+    figures = {k: r[k] for k in ("end_to_end", "model_only", "ray_data", "naive")}
+    for name, f in figures.items():
+        assert len(f["runs"]) == 2, name
+        assert f["min"] <= f["images_per_second"] <= f["max"] and f["min"] > 0, name
+        assert f["images"] == 8, name
+    for name in ("model_only", "ray_data", "naive"):
+        ratio = r["ratios"][f"end_to_end / {name}"]
+        assert ratio == pytest.approx(figures["end_to_end"]["images_per_second"] / figures[name]["images_per_second"],
+                                      abs=1e-3)
+    e2e = r["end_to_end"]
+    assert e2e["startup_seconds"] > 0 and 0 < e2e["model_busy_fraction"] <= 1
+    assert {"decode", "sky", "teacher", "encode", "write", "commit"} <= set(e2e["stage_seconds"])
+    assert r["model_only"]["model_load_seconds"] > 0 and r["ray_data"]["startup_seconds"] >= 0
+    # Every pipeline labeled every image: the engine's OUTPUT, Ray Data's tars, the naive tar.
+    assert json.loads(run("verify", e2e["output"] + "/run-1/", "--json", check=0).stdout)["ok"]
+    ray_keys = set()
+    for tar in (tmp_path / "ray-data" / "run-1").glob("*.tar"):
+        with tarfile.open(tar) as t:
+            ray_keys |= {m.name for m in t.getmembers()}
+    assert sum(n.endswith(".disp.png") for n in ray_keys) == 8 and sum(n.endswith(".sky.png") for n in ray_keys) == 8
+    with tarfile.open(tmp_path / "naive" / "naive-1.tar") as t:
+        assert sum(n.endswith(".disp.png") for n in t.getnames()) == 8
+
+    table = run("bench", *TINY, "--images", "4", "--repeats", "1", "--engine-only",
+                "--workdir", str(tmp_path / "again"), check=0).stdout
+    assert "engine end to end" in table and "start-up" in table and "Ray Data" not in table
+
+
+def test_bench_memory_compares_two_shard_sizes(tmp_path):
+    r = json.loads(run("bench", *TINY, "--images", "5", "--repeats", "1", "--engine-only", "--memory",
+                       "--workdir", str(tmp_path), "--json", check=0).stdout)
+    m = r["memory"]
+    assert (m["small"]["images"], m["large"]["images"]) == (5, 50)
+    assert m["large_over_small"] == pytest.approx(m["large"]["peak_worker_rss_mb"] / m["small"]["peak_worker_rss_mb"],
+                                                  abs=1e-3)
+    assert Path(r["workdir"]) == tmp_path
+
+
+def test_bench_refuses_bad_arguments(tmp_path):
+    for argv, needle in ((["--repeats", "0"], "--repeats"), (["--images", "0"], "--images"),
+                         (["--sizes", "big"], "--sizes")):
+        p = run("bench", *argv, "--workdir", str(tmp_path), check=2)
+        assert needle in p.stderr and "Traceback" not in p.stderr
