@@ -46,6 +46,7 @@ class BenchConfig:
     output: str | None = None             # OUTPUT of the end-to-end runs, or of --plan/--audit
     repeats: int = 3
     baselines: bool = True                # model-only, Ray Data and naive figures beside the engine's
+    flops: bool = False                   # only the models' FLOPs per image
 
     def __post_init__(self):
         if self.images < 1:
@@ -113,6 +114,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     teacher, sky, desc = _models(cfg, root / "models")
+    if cfg.flops:
+        from engine.bench_baselines import model_flops
+
+        return {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher), "sky": desc.get("sky", sky)},
+                "flops": model_flops(teacher, sky, cfg.sizes[0])}
     report = {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher),
                                                "sky": desc.get("sky", sky or "none")},
               "images": cfg.images, "sizes": [f"{w}x{h}" for h, w in cfg.sizes],
@@ -151,12 +157,25 @@ def _end_to_end(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> 
     runs = [_label(cfg, f"{root}/e2e/", f"{base}/run-{r}/", teacher, sky) for r in range(cfg.repeats)]
     last = runs[-1]
     images = last.samples_ok + last.samples_error
+    sizes = _output_sizes(f"{base}/run-{cfg.repeats - 1}/")
+    requests = sum(last.s3_requests.values())
     return {**rates(images, [images / r.images_per_second for r in runs]),
+            "output_bytes_per_image": round(sizes["shards"] / max(images, 1)),
+            "manifest_bytes_per_row": round(sizes["manifest"] / max(images, 1)),
+            "s3_requests": last.s3_requests,
+            "s3_requests_per_shard": round(requests / max(last.shards_committed, 1), 2) if requests else None,
             "startup_seconds": round(sorted(r.startup_seconds for r in runs)[len(runs) // 2], 2),
             "model_busy_fraction": round(last.model_busy_fraction, 4),
             "stage_seconds": last.stage_seconds, "gpu_utilization": last.gpu_utilization,
             "peak_worker_rss_mb": round(max(r.peak_worker_rss_mb for r in runs), 1),
             "samples_error": last.samples_error, "output": base}
+
+
+def _output_sizes(url: str) -> dict:
+    from storage.objectstore import open_store
+
+    store = open_store(url)
+    return {part: sum(o.size for o in store.list(f"{part}/")) for part in ("shards", "manifest")}
 
 
 def _baselines(cfg, root, shards, teacher, sky, actors, device, torch_threads) -> dict:
@@ -207,6 +226,12 @@ def print_report(r: dict) -> None:
         print(f"planning: {p['plan_seconds']:.2f} s for {p['committed_shards']} committed shards "
               f"({p['inputs']} inputs) in {p['output']}")
         return
+    if "flops" in r:
+        f = r["flops"]
+        print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}")
+        print(f"GFLOPs per {f['image']} image: teacher {f['teacher_gflops']:.1f} at {f['teacher_input']}, "
+              f"sky {f['sky_gflops']:.1f} at {f['sky_input']}, total {f['total_gflops']:.1f}")
+        return
     print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}; {r['images']} images "
           f"({', '.join(r['sizes'])}), batch {r['batch_size']}, {r['workers']} worker(s) on {r['device']}, "
           f"median of {r['repeats']}")
@@ -225,6 +250,9 @@ def print_report(r: dict) -> None:
     print(f"engine: start-up {e['startup_seconds']:.1f} s (excluded), models busy {100 * e['model_busy_fraction']:.1f}% "
           f"of actor time, peak worker RSS {e['peak_worker_rss_mb']:.0f} MiB"
           + (f", GPU {e['gpu_utilization']:.0f}% busy" if e.get("gpu_utilization") is not None else ""))
+    print(f"output: {e['output_bytes_per_image'] / 1024:.1f} KiB of tar and {e['manifest_bytes_per_row']} B of "
+          f"manifest per image" + (f"; {e['s3_requests_per_shard']} S3 requests per shard {e['s3_requests']}"
+                                   if e.get("s3_requests_per_shard") else ""))
     if e.get("stage_seconds"):
         print("worker time by stage (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in e["stage_seconds"].items()))
     if "memory" in r:

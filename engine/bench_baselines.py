@@ -49,6 +49,34 @@ def read_images(shards: list[str]) -> list[np.ndarray]:
     return images
 
 
+def model_flops(teacher: str, sky: str | None, size: tuple[int, int]) -> dict:
+    """FLOPs of one forward pass of each model for one image of ``size`` (H, W), counted by
+    torch's FlopCounterMode (matmuls, convolutions, attention): the compute a GPU must do per
+    image, whatever the engine around it. Resizes and the sky fold are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.synthetic import scene
+    from labelers.sky import SkySegmenter
+    from labelers.teacher import Teacher
+
+    image = scene(*size)
+    t = Teacher.load(teacher)
+    with FlopCounterMode(display=False) as counter:
+        t.predict([image])
+    out = {"image": f"{size[1]}x{size[0]}", "teacher_gflops": counter.get_total_flops() / 1e9,
+           "teacher_input": "x".join(map(str, t.target_size(*size)[::-1]))}
+    del t
+    out["sky_gflops"], out["sky_input"] = 0.0, None
+    if sky:
+        s = SkySegmenter.load(sky)
+        with FlopCounterMode(display=False) as counter:
+            s.masks([image])
+        out["sky_gflops"] = counter.get_total_flops() / 1e9
+        out["sky_input"] = "x".join(map(str, s.preprocess.target_size(*size)[::-1]))
+    out["total_gflops"] = out["teacher_gflops"] + out["sky_gflops"]
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def _sync(device) -> None:
     import torch
 

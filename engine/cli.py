@@ -89,7 +89,7 @@ def build_parser() -> Parser:
     b.add_argument("--teacher", default=None, metavar="MODEL", help="default: a random-weight teacher")
     b.add_argument("--sky", default=None, metavar="MODEL|none", help="default: a random-weight segmenter")
     b.add_argument("--teacher-size", default="vits", choices=["tiny", "vits", "vitb", "vitl"])
-    b.add_argument("--sky-size", default="b0", choices=["tiny", "b0"])
+    b.add_argument("--sky-size", default="b0", choices=["tiny", "b0", "b5"])
     b.add_argument("--image-size", type=int, default=518, metavar="N", help="random teacher's input size")
     b.add_argument("--sky-image-size", type=int, default=512, metavar="N", help="random segmenter's input size")
     b.add_argument("--images", type=int, default=64, metavar="N")
@@ -108,6 +108,8 @@ def build_parser() -> Parser:
                    help="OUTPUT prefix of the end-to-end runs (e.g. s3://bkt/bench/), or of --plan/--audit")
     b.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs of each figure (median reported)")
     b.add_argument("--engine-only", action="store_true", help="skip the model-only, Ray Data and naive figures")
+    b.add_argument("--flops", action="store_true",
+                   help="only count the models' FLOPs per image (one image of the first --sizes) and exit")
     b.add_argument("--json", action="store_true")
 
     au = sub.add_parser("audit", help="manifest statistics and suspect samples/shards of OUTPUT")
@@ -284,7 +286,7 @@ def _bench(args) -> int:
         image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
-        repeats=args.repeats, baselines=not args.engine_only, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+        repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0

@@ -41,6 +41,7 @@ class Summary:
     model_busy_fraction: float = 0.0  # time inside the models / actor time, over this run's shards
     stage_seconds: dict = field(default_factory=dict)   # per stage, summed over this run's shards
     gpu_utilization: float | None = None                # mean sampled GPU utilization (%), if any
+    s3_requests: dict = field(default_factory=dict)     # the workers' S3 requests, by operation
     workers: int = 0
     device: str = ""
     peak_worker_rss_mb: float = 0.0    # the largest peak RSS of any worker process
@@ -170,6 +171,8 @@ def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
         if r.gpu_utilization is not None:
             gpu.append((r.gpu_utilization, r.seconds))
+        for op, n in r.s3_requests.items():
+            summary.s3_requests[op] = summary.s3_requests.get(op, 0) + n
         summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, r.peak_rss_bytes / 2**20)
         if config.retry_failed:
             output.delete(layout.failed_key(r.name))

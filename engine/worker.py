@@ -20,6 +20,7 @@ from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.models import resolve
 from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
 from storage.objectstore import open_store
+from storage.s3_client import request_counts
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,14 @@ class LabelActor:
 
     def run(self, task: ShardTask) -> ShardResult:
         self.live = Progress(extra={"shard": task.name})
+        before = request_counts()
         with GpuSampler(self.device) as gpu:
             result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
                                  threads=self.spec.threads, worker=self.name, progress=self.live,
                                  claim=ClaimPolicy.of(self.spec.claim_seconds))
         result.gpu_utilization = gpu.mean
+        after = request_counts()
+        result.s3_requests = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         return result
 

@@ -52,9 +52,10 @@ TEACHER_SIZES = {
 SEGMENTER_SIZES = {
     "tiny": dict(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1]),
     "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8]),
+    "b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], num_attention_heads=[1, 2, 5, 8]),
 }
-SEGMENTER_DECODER = {"tiny": 16, "b0": 256}
-SEGMENTER_CLASSES = {"tiny": 6, "b0": 150}
+SEGMENTER_DECODER = {"tiny": 16, "b0": 256, "b5": 768}
+SEGMENTER_CLASSES = {"tiny": 6, "b0": 150, "b5": 150}
 # The first ADE20K class names (index 2 is 'sky'); the rest are named class_<i>.
 ADE20K_HEAD = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",

@@ -90,6 +90,7 @@ class ShardResult:
     attempt: int = 1
     peak_rss_bytes: int = 0        # the worker process's peak, filled in by the executor
     gpu_utilization: float | None = None   # mean sampled GPU utilization (%), filled in by the worker
+    s3_requests: dict = field(default_factory=dict)   # by operation, filled in by the worker
     committed: bool = True         # False: another attempt had committed the shard already
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -82,10 +83,29 @@ def storage_error(op: str, url: str, exc: BaseException) -> StorageError:
     return error
 
 
+_REQUESTS: Counter = Counter()
+_REQUESTS_LOCK = threading.Lock()
+
+
+def request_counts() -> dict[str, int]:
+    """boto3 calls made by this process so far, by operation (get_object, upload_part, ...):
+    what a job costs in S3 requests. botocore's own retries are not counted."""
+    with _REQUESTS_LOCK:
+        return dict(_REQUESTS)
+
+
+def count(operation: str, n: int = 1) -> None:
+    """Count requests made outside ``call`` (a paginator's pages)."""
+    with _REQUESTS_LOCK:
+        _REQUESTS[operation] += n
+
+
 def call(op: str, url: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run one boto3 call, translating its errors (retries are botocore's, adaptive mode)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    with _REQUESTS_LOCK:
+        _REQUESTS[getattr(fn, "__name__", op)] += 1
     try:
         return fn(**kwargs)
     except (ClientError, BotoCoreError) as e:
