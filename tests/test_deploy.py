@@ -210,7 +210,7 @@ def test_dockerfile_builds_on_cuda_and_installs_the_project_with_cuda_torch():
     base, _, steps = dockerfile()
     assert re.fullmatch(r"rayproject/ray:[\d.]+-py3\d+-(gpu|cu\d+)|nvidia/cuda:.+", base), base
     runs = " ".join(rest for op, rest in steps if op == "RUN")
-    assert re.search(r"pip install [^&;]*\s\.(\s|$)", runs)
+    assert re.search(r"pip install [^&;]*\s\"?\.(\[[a-z,]+\])?\"?(\s|$)", runs)   # the project, maybe with extras
     assert "torch.version.cuda" in runs  # the build fails on a CPU-only torch
     assert not re.search(r"whl/cpu|\+cpu|--index-url", runs)
     assert not any(op == "ENTRYPOINT" for op, _ in steps)  # KubeRay runs `ray start` itself
