@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from .objectstore import ObjectInfo, ObjectNotFound, StorageError, WriterBase, check_key, check_prefix
-from .s3_client import MAX_ATTEMPTS, arrow_s3_options, call, client, count, error_code, storage_error
+from .s3_client import MAX_ATTEMPTS, arrow_s3_options, call, client, error_code, storage_error
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -266,7 +266,6 @@ class S3Store:
         )
         try:
             for page in pages:
-                count("list_objects_v2")
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(self.prefix) :]
                     if key and not key.endswith("/"):
@@ -295,7 +294,6 @@ class S3Store:
         pages = client().get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
         n = 0
         for page in pages:
-            count("list_multipart_uploads")
             for up in page.get("Uploads", []):
                 if up["Initiated"].timestamp() < before:
                     call("abort_incomplete", f"s3://{self.bucket}/{up['Key']}", client().abort_multipart_upload,

@@ -46,7 +46,9 @@ def client() -> Any:
             region = os.environ.get("AWS_REGION") or None
             retries = {"mode": "adaptive", "max_attempts": MAX_ATTEMPTS}  # fresh: botocore edits it
             config = Config(retries=retries, max_pool_connections=MAX_POOL_CONNECTIONS)
-            _clients[key] = session.client("s3", region_name=region, config=config)
+            s3 = session.client("s3", region_name=region, config=config)
+            s3.meta.events.register("before-send.s3", _count_request)
+            _clients[key] = s3
         return _clients[key]
 
 
@@ -88,24 +90,22 @@ _REQUESTS_LOCK = threading.Lock()
 
 
 def request_counts() -> dict[str, int]:
-    """boto3 calls made by this process so far, by operation (get_object, upload_part, ...):
-    what a job costs in S3 requests. botocore's own retries are not counted."""
+    """HTTP requests this process's S3 clients sent so far, by operation (GetObject, UploadPart,
+    ...), retries included: what a job costs in S3 requests."""
     with _REQUESTS_LOCK:
         return dict(_REQUESTS)
 
 
-def count(operation: str, n: int = 1) -> None:
-    """Count requests made outside ``call`` (a paginator's pages)."""
+def _count_request(event_name: str = "", **_) -> None:
+    """botocore's before-send hook (event ``before-send.s3.<Operation>``): one per request sent."""
     with _REQUESTS_LOCK:
-        _REQUESTS[operation] += n
+        _REQUESTS[event_name.rsplit(".", 1)[-1]] += 1
 
 
 def call(op: str, url: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run one boto3 call, translating its errors (retries are botocore's, adaptive mode)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    with _REQUESTS_LOCK:
-        _REQUESTS[getattr(fn, "__name__", op)] += 1
     try:
         return fn(**kwargs)
     except (ClientError, BotoCoreError) as e:

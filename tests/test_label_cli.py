@@ -130,6 +130,8 @@ def test_label_s3_brace_input_teacher_from_bucket(tmp_path, tiny_models, s3_buck
             "--workers", "1", "--json", check=0)
     summary = json.loads(p.stdout)
     assert (summary["shards_committed"], summary["samples_ok"], summary["samples_error"]) == (2, 5, 3)
+    # The workers' requests: each shard read once, and per shard its claim, tar and manifest part.
+    assert summary["s3_requests"]["GetObject"] >= 2 and summary["s3_requests"]["PutObject"] >= 6
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert len(secret) < 12 or secret not in p.stdout + p.stderr
 
