@@ -131,7 +131,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     started = start_ray(_config(cfg, "-", "-", teacher, sky))
     try:
-        n, options, device, torch_threads = actor_layout(_config(cfg, "-", "-", teacher, sky))
+        lay = actor_layout(_config(cfg, "-", "-", teacher, sky))
+        n, device, torch_threads = lay.actors, lay.device, lay.torch_threads
         report["device"], report["workers"] = device, n
         e2e = _end_to_end(cfg, root, teacher, sky)
         report["end_to_end"] = e2e

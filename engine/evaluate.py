@@ -95,10 +95,11 @@ def evaluate(config: EvalConfig) -> dict:
     failed: dict[str, str] = {}
     started = start_ray(config)
     try:
-        n, options, device, torch_threads = actor_layout(config)
+        lay = actor_layout(config)
+        n, options, device = lay.actors, lay.options, lay.device
         spec = EvalSpec(teacher=config.teacher, teacher_sha256=teacher.sha256, ground_truth=config.ground_truth,
                         device=device, dtype=config.dtype, batch_size=config.batch_size,
-                        threads=config.threads, torch_threads=torch_threads)
+                        threads=lay.codec_threads, torch_threads=lay.torch_threads)
         bar = ProgressBar(len(source.shards), enabled=config.progress)
 
         def on_result(r: ShardEvaluation) -> None:

@@ -92,18 +92,32 @@ def start_ray(config: LabelConfig) -> bool:
     return True
 
 
-def actor_layout(config: LabelConfig) -> tuple[int, dict, str, int | None]:
-    """(how many actors, their Ray options, device, torch threads each)."""
+@dataclass(frozen=True)
+class Layout:
+    actors: int
+    options: dict            # Ray actor options
+    device: str
+    torch_threads: int | None
+    codec_threads: int       # decode/encode threads per actor
+
+
+def actor_layout(config) -> Layout:
+    """One actor per GPU, or ``--workers`` CPU actors sharing the CPUs.
+
+    On GPUs the decode/encode threads get the node's CPUs per GPU (at least ``config.threads``):
+    JPEG decode and PNG encode cost about 22 ms of CPU per 0.36 MP image
+    (docs/BENCHMARKS.md), so a GPU labeling hundreds of images/s needs several cores.
+    """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
     if config.device == "cuda" and not gpus:
         raise ConfigError("--device cuda, but the Ray cluster has no GPU")
     if gpus and config.device != "cpu":
-        return gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None
+        return Layout(gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None, max(config.threads, cpus // gpus))
     n = config.workers or 1
     per = max(1, cpus // n)
-    return n, {"num_cpus": per}, "cpu", per
+    return Layout(n, {"num_cpus": per}, "cpu", per, config.threads)
 
 
 def label(config: LabelConfig) -> Summary:
@@ -136,14 +150,14 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
 
     started = start_ray(config)
     try:
-        n, options, device, torch_threads = actor_layout(config)
-        summary.workers, summary.device = n, device
+        layout_ = actor_layout(config)
+        summary.workers, summary.device = layout_.actors, layout_.device
         wspec = WorkerSpec(output=output.url, teacher=config.teacher,
                            teacher_sha256=teacher.sha256 if teacher else None, ground_truth=config.ground_truth,
-                           sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=device,
-                           dtype=config.dtype, batch_size=config.batch_size, threads=config.threads,
-                           torch_threads=torch_threads, claim_seconds=config.claim_seconds)
-        _run(config, output, todo.todo, wspec, n, options, summary, lock)
+                           sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
+                           dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,
+                           torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds)
+        _run(config, output, todo.todo, wspec, layout_.actors, layout_.options, summary, lock)
     finally:
         if started:
             ray.shutdown()

@@ -87,7 +87,9 @@ def test_one_actor_per_gpu():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        n, options, device, threads = actor_layout(LabelConfig(input="x", output="y", teacher="t", sky=None))
-        assert (n, options, device, threads) == (torch.cuda.device_count(), {"num_gpus": 1, "num_cpus": 1}, "cuda", None)
+        lay = actor_layout(LabelConfig(input="x", output="y", teacher="t", sky=None))
+        gpus = torch.cuda.device_count()
+        assert (lay.actors, lay.options, lay.device, lay.torch_threads) == (gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None)
+        assert lay.codec_threads == max(4, 2 // gpus)
     finally:
         ray.shutdown()
