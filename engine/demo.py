@@ -14,7 +14,6 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from engine.config import LabelConfig

@@ -23,7 +23,7 @@ from engine.worker import LabelActor, WorkerSpec
 from pipelines.models import ModelRef, ModelSourceError, id2label, resolve
 from pipelines.pseudo_label import ShardResult, ShardTask
 from storage import layout
-from storage.objectstore import StorageError, open_store
+from storage.objectstore import open_store
 
 
 @dataclass
