@@ -117,8 +117,10 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     t2 = time.perf_counter()
     for s, mask, raw in zip(batch, masks, raws):
         s.sky, s.raw, s.image = mask, raw, None   # the pixels are no longer needed
-        s.timings["sky"] = (t1 - t0) / len(batch)
-        s.timings["teacher"] = (t2 - t1) / len(batch)
+        if labelers.sky:
+            s.timings["sky"] = (t1 - t0) / len(batch)
+        if labelers.teacher:
+            s.timings["teacher"] = (t2 - t1) / len(batch)
     return t2 - t0
 
 
@@ -153,7 +155,8 @@ def label_shard(
             records = tar.add(enc.key, enc.members) if enc.members else []
             stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
             for stage in ("decode", "sky", "teacher", "encode"):
-                stages[stage] = stages.get(stage, 0.0) + (enc.row.get(f"{stage}_s") or 0.0)
+                if enc.row.get(f"{stage}_s") is not None:
+                    stages[stage] = stages.get(stage, 0.0) + enc.row[f"{stage}_s"]
             rows.append({**enc.row, "members": [
                 {"name": r.name, "offset": r.offset, "size": r.size, "sha256": r.sha256}
                 for r in records]})
