@@ -119,10 +119,14 @@ def evaluate_shard(task: ShardTask, teacher, rule: GroundTruthRule = GroundTruth
         progress.model_seconds += seconds
         for (i, item), pred in zip(batch, preds):
             gt = item.gt
-            teacher_m = evaluate_disparity(pred, gt.disparity, gt.valid, rule.max_depth)
-            label_m = None if item.stored is None else evaluate_disparity(
-                item.stored, gt.disparity, gt.valid, rule.max_depth)
             item.sample.image = None
+            try:
+                teacher_m = evaluate_disparity(pred, gt.disparity, gt.valid, rule.max_depth)
+                label_m = None if item.stored is None else evaluate_disparity(
+                    item.stored, gt.disparity, gt.valid, rule.max_depth)
+            except ValueError as e:      # e.g. no pixel where both are finite
+                item.sample.fail(f"cannot score: {e}")
+                teacher_m = label_m = None
             finish(i, item, teacher_m, label_m)
 
     with store.open_read(key) as stream, ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:

@@ -226,3 +226,18 @@ def test_noisy_teacher_matches_an_independent_computation(scene_shard):
     assert summary["abs_rel"] == pytest.approx(np.mean([e[0] for e in expected]), rel=1e-6)
     assert summary["delta1"] == pytest.approx(np.mean([e[1] for e in expected]), rel=1e-9)
     assert 0.005 < summary["abs_rel"] < 0.5 and summary["delta1"] < 1.0
+
+
+def test_a_sample_that_cannot_be_scored_is_an_error_row_and_the_rest_is_scored(scene_shard):
+    src, truth, units = scene_shard
+    pairs = [(image, 1 / depth) for image, depth, _ in truth.values()]
+
+    class NanOnFirst(ExactTeacher):
+        def predict(self, images):
+            out = super().predict(images)
+            first = self.digest(pairs[0][0])
+            return [np.full_like(p, np.nan) if self.digest(im) == first else p for im, p in zip(images, out)]
+
+    rows = {r["key"]: r for r in evaluate_shard(ShardTask(src, "scenes-000000"), NanOnFirst(pairs)).rows}
+    assert rows["scene0"]["status"] == "error" and "cannot score" in rows["scene0"]["reason"]
+    assert all(rows[k]["status"] == "ok" and rows[k]["teacher"]["delta1"] == 1.0 for k in ("scene1", "scene2", "scene3"))
