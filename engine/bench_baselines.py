@@ -166,7 +166,7 @@ def ray_data_pipeline(spec: WorkerSpec, shards: list[str], out_dir: Path, actors
         clock = Clock.remote()
         ds = ray.data.read_webdataset(shards, decoder=None, include_paths=False).map_batches(
             RayDataLabeler, fn_constructor_kwargs={"spec": spec, "clock": clock}, batch_size=spec.batch_size,
-            concurrency=actors, batch_format="numpy", **actor_options)
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", **actor_options)
         t0 = time.time()
         ds.write_webdataset(str(out_dir / f"run-{r}"), encoder=None)   # members are bytes already
         end = time.time()
