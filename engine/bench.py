@@ -113,6 +113,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
+    if not cfg.flops:
+        _e2e_base(cfg, root, check=True)
     teacher, sky, desc = _models(cfg, root / "models")
     if cfg.flops:
         from engine.bench_baselines import model_flops
@@ -154,7 +156,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _end_to_end(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict:
     from engine.bench_baselines import rates
 
-    base = (cfg.output or str(root / "out-e2e")).rstrip("/")
+    base = _e2e_base(cfg, root)
     runs = [_label(cfg, f"{root}/e2e/", f"{base}/run-{r}/", teacher, sky) for r in range(cfg.repeats)]
     last = runs[-1]
     images = last.samples_ok + last.samples_error
@@ -170,6 +172,19 @@ def _end_to_end(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> 
             "stage_seconds": last.stage_seconds, "gpu_utilization": last.gpu_utilization,
             "peak_worker_rss_mb": round(max(r.peak_worker_rss_mb for r in runs), 1),
             "samples_error": last.samples_error, "output": base}
+
+
+def _e2e_base(cfg: BenchConfig, root: Path, check: bool = False) -> str:
+    """Where the end-to-end runs write; with ``check``, refuse a place that holds a run already
+    (``label`` would only resume there, leaving nothing to time)."""
+    from engine import job
+    from storage.objectstore import open_store
+
+    base = (cfg.output or str(root / "out-e2e")).rstrip("/")
+    for r in range(cfg.repeats if check else 0):
+        if job.read(open_store(f"{base}/run-{r}/")) is not None:
+            raise ConfigError(f"{base}/run-{r}/ already holds a bench run; pass a fresh --output or --workdir")
+    return base
 
 
 def _output_sizes(url: str) -> dict:

@@ -43,6 +43,10 @@ def test_bench_reports_four_figures_and_their_ratios(tmp_path):
     table = run("bench", *TINY, "--images", "4", "--repeats", "1", "--engine-only",
                 "--workdir", str(tmp_path / "again"), check=0).stdout
     assert "engine end to end" in table and "start-up" in table and "Ray Data" not in table
+    # The same place again would only resume: refused, not timed.
+    again = run("bench", *TINY, "--images", "4", "--repeats", "1", "--engine-only",
+                "--workdir", str(tmp_path / "again"), check=2)
+    assert "already holds a bench run" in again.stderr
 
 
 def test_bench_memory_compares_two_shard_sizes(tmp_path):

@@ -172,12 +172,23 @@ def _restore(run: Path, opt, sched) -> dict | None:
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) training; returns the per-step losses of this run."""
+    """Run (or resume) training; returns the per-step losses of this run. Under torchrun the
+    process group is created here and destroyed on the way out: a gloo/NCCL group left to
+    interpreter teardown can abort the process after the work is done."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    owns_group = world > 1 and not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train(cfg, rank, world)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int) -> list[dict]:
     from tqdm import tqdm
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
