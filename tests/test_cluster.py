@@ -130,12 +130,24 @@ def test_a_node_removed_mid_job(env, job):
     assert_complete(out)
 
 
+def wait_listed(out, sub, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not list_objects(out, sub):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"nothing under {sub} while the job ran")
+        time.sleep(0.1)
+
+
 def test_an_actor_killed_mid_shard_and_a_second_label_refused(env, job):
     inp, out, _ = job
     p = start(env, inp, out)
-    wait_commits(out, 1, p)
+    # The second job while the first holds the lease (before its actors even start: the
+    # labeling itself is fast enough to end while a second process starts up).
+    wait_listed(out, "locks/job", p)
     second = subprocess.run(label_cmd(env, inp, out), env=env.env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "being labeled by another job" in second.stderr
+    # Kill an actor right after the first commit: every actor then holds shards in flight.
+    wait_commits(out, 1, p)
     victims = processes("ray::LabelActor")
     assert victims, "no actor process found"
     os.kill(victims[0], signal.SIGKILL)
