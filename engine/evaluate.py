@@ -83,7 +83,7 @@ def source_shards(spec: str) -> Source:
 
 def evaluate(config: EvalConfig) -> dict:
     """The report ``depth-engine evaluate --json`` prints: aggregates, then one row per sample."""
-    from engine.worker import EvalActor, EvalSpec
+    from engine.worker import EvalActor, WorkerSpec
 
     t0 = time.time()
     source = source_shards(config.source)
@@ -97,9 +97,9 @@ def evaluate(config: EvalConfig) -> dict:
     try:
         lay = actor_layout(config)
         n, options, device = lay.actors, lay.options, lay.device
-        spec = EvalSpec(teacher=config.teacher, teacher_sha256=teacher.sha256, ground_truth=config.ground_truth,
-                        device=device, dtype=config.dtype, batch_size=config.batch_size,
-                        threads=lay.codec_threads, torch_threads=lay.torch_threads)
+        spec = WorkerSpec(output="", teacher=config.teacher, teacher_sha256=teacher.sha256, sky=None,
+                          sky_sha256=None, ground_truth=config.ground_truth, device=device, dtype=config.dtype,
+                          batch_size=config.batch_size, threads=lay.codec_threads, torch_threads=lay.torch_threads)
         bar = ProgressBar(len(source.shards), enabled=config.progress)
 
         def on_result(r: ShardEvaluation) -> None:

@@ -1,15 +1,16 @@
-"""The labeler actor: models loaded once, then one shard per call.
+"""The engine's actors (labeling, evaluation): models loaded once, then one shard per call.
 
-Ray owns placement (one actor per GPU, or N CPU actors); the actor only binds the
-pipeline to its models and reports live progress from a second concurrency group, so
-the driver can ask while a shard is being labeled.
+Ray owns placement (one actor per GPU, or N CPU actors); an actor only binds a pipeline to
+its models and reports live progress from a second concurrency group, so the driver can ask
+while a shard is in flight.
 """
 from __future__ import annotations
 
 import os
 import resource
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, TypeVar
 
 import ray
 
@@ -21,6 +22,8 @@ from pipelines.models import resolve
 from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
 from storage.objectstore import open_store
 from storage.s3_client import request_counts
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -72,74 +75,60 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
     return Labelers(teacher, sky, spec.ground_truth)
 
 
-@ray.remote(concurrency_groups={"report": 1})
-class LabelActor:
-    def __init__(self, spec: WorkerSpec):
-        self.spec = spec
-        self.labelers = load_labelers(spec)
-        self.device = next((m.device for m in (self.labelers.teacher, self.labelers.sky) if m), "cpu")
-        self.output = open_store(spec.output)
+class _Worker:
+    """What the scheduler asks of every actor: its name once the models are loaded, live
+    progress from a second concurrency group, and what each shard took (GPU, S3, memory)."""
+
+    def _started(self, device) -> None:
         gpus = ray.get_gpu_ids()
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
+        self.device = device
         self.live = Progress()
 
     def ready(self) -> str:
         return self.name
 
-    def run(self, task: ShardTask) -> ShardResult:
+    @ray.method(concurrency_group="report")
+    def progress(self) -> dict:
+        return asdict(self.live)
+
+    def _measured(self, task: ShardTask, work: Callable[[Progress], R]) -> R:
         self.live = Progress(extra={"shard": task.name})
         before = request_counts()
         with GpuSampler(self.device) as gpu:
-            result = label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
-                                 threads=self.spec.threads, worker=self.name, progress=self.live,
-                                 claim=ClaimPolicy.of(self.spec.claim_seconds))
-        result.gpu_utilization = gpu.mean
+            result = work(self.live)
         after = request_counts()
+        result.gpu_utilization = gpu.mean
         result.s3_requests = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         return result
 
-    @ray.method(concurrency_group="report")
-    def progress(self) -> dict:
-        return asdict(self.live)
 
+@ray.remote(concurrency_groups={"report": 1})
+class LabelActor(_Worker):
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.labelers = load_labelers(spec)
+        self.output = open_store(spec.output)
+        self._started(next((m.device for m in (self.labelers.teacher, self.labelers.sky) if m), "cpu"))
 
-@dataclass(frozen=True)
-class EvalSpec:
-    teacher: str
-    teacher_sha256: str
-    ground_truth: GroundTruthRule
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 8
-    threads: int = 4
-    torch_threads: int | None = None
+    def run(self, task: ShardTask) -> ShardResult:
+        return self._measured(task, lambda live: label_shard(
+            task, self.labelers, self.output, batch_size=self.spec.batch_size, threads=self.spec.threads,
+            worker=self.name, progress=live, claim=ClaimPolicy.of(self.spec.claim_seconds)))
 
 
 @ray.remote(concurrency_groups={"report": 1})
-class EvalActor:
-    """A teacher scoring labeled shards: the same placement and scheduling as LabelActor,
-    and nothing written."""
+class EvalActor(_Worker):
+    """A teacher scoring labeled shards (``spec.ground_truth`` says how to read them): the same
+    placement and scheduling as LabelActor, and nothing written."""
 
-    def __init__(self, spec: EvalSpec):
+    def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.teacher = load_labelers(WorkerSpec(
-            output="", teacher=spec.teacher, teacher_sha256=spec.teacher_sha256, sky=None, sky_sha256=None,
-            device=spec.device, dtype=spec.dtype, torch_threads=spec.torch_threads)).teacher
-        gpus = ray.get_gpu_ids()
-        self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
-        self.live = Progress()
-
-    def ready(self) -> str:
-        return self.name
+        self.teacher = load_labelers(replace(spec, sky=None, ground_truth=None)).teacher
+        self._started(self.teacher.device)
 
     def run(self, task: ShardTask) -> ShardEvaluation:
-        self.live = Progress(extra={"shard": task.name})
-        result = evaluate_shard(task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
-                                threads=self.spec.threads, worker=self.name, progress=self.live)
-        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return result
-
-    @ray.method(concurrency_group="report")
-    def progress(self) -> dict:
-        return asdict(self.live)
+        return self._measured(task, lambda live: evaluate_shard(
+            task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
+            threads=self.spec.threads, worker=self.name, progress=live))

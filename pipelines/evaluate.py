@@ -41,7 +41,9 @@ class ShardEvaluation:
     model_seconds: float = 0.0
     worker: str = ""
     attempt: int = 1
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0         # the worker's figures, filled in by it
+    gpu_utilization: float | None = None
+    s3_requests: dict = field(default_factory=dict)
     committed: bool = True          # read-only work: every finished attempt counts
 
 
