@@ -36,17 +36,19 @@ def rates(images: int, seconds: list[float]) -> dict:
             "runs": [round(r, 4) for r in per], "images": images}
 
 
-def read_images(shards: list[str]) -> list[np.ndarray]:
-    """Every image of the shards, decoded as the engine decodes (the model-only input)."""
-    images = []
+def shard_members(shards: list[str]):
+    """(shard URL, WebDataset sample dict) for every sample of the shards, in order."""
     for url in shards:
         store, key = locate(url)
         with store.open_read(key) as stream:
             for members in iter_tar_samples(stream):
-                sample = decode(sample_from_members(members, url))
-                if sample.ok:
-                    images.append(sample.image)
-    return images
+                yield url, members
+
+
+def read_images(shards: list[str]) -> list[np.ndarray]:
+    """Every image of the shards, decoded as the engine decodes (the model-only input)."""
+    samples = (decode(sample_from_members(members, url)) for url, members in shard_members(shards))
+    return [s.image for s in samples if s.ok]
 
 
 def model_flops(teacher: str, sky: str | None, size: tuple[int, int]) -> dict:
@@ -197,11 +199,7 @@ def naive_loop(teacher: str, sky: str | None, shards: list[str], out_dir: Path, 
     depth = pipeline("depth-estimation", model=teacher, device=device)
     seg = pipeline("image-segmentation", model=sky, device=device) if sky else None
     load = time.perf_counter() - t0
-    samples = []
-    for url in shards:
-        store, key = locate(url)
-        with store.open_read(key) as stream:
-            samples += [(m["__key__"], m["jpg"]) for m in iter_tar_samples(stream)]
+    samples = [(m["__key__"], m["jpg"]) for _, m in shard_members(shards)]
 
     def label_one(data: bytes) -> dict:
         image = Image.open(io.BytesIO(data)).convert("RGB")

@@ -29,15 +29,20 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local directory")
     p.add_argument("--sky", default=DEFAULT_SKY, metavar="MODEL|none",
                    help="sky segmentation model, or none (default: %(default)s)")
+    _resource_arguments(p)
+    p.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
+
+
+def _resource_arguments(p: argparse.ArgumentParser) -> None:
+    """What every engine job takes (label, convert-gt, evaluate): batches, actors, device."""
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="CPU actors (GPU runs use one actor per GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     p.add_argument("--max-attempts", type=int, default=3, metavar="N")
-    p.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
 def _ground_truth_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,12 +79,7 @@ def build_parser() -> Parser:
                     help="an OUTPUT (its committed shards, stored labels scored too) or an INPUT pattern")
     ev.add_argument("--teacher", required=True, metavar="MODEL", help="hub id, local directory or s3:// prefix")
     _ground_truth_arguments(ev)
-    ev.add_argument("--batch-size", type=int, default=8, metavar="N")
-    ev.add_argument("--workers", type=int, default=None, metavar="N", help="CPU actors (GPU runs use one actor per GPU)")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    ev.add_argument("--ray-address", default=None, metavar="ADDR", help="attach to a running Ray cluster")
-    ev.add_argument("--json", action="store_true", help="aggregates and every sample's figures as JSON")
+    _resource_arguments(ev)
 
     st = sub.add_parser("status", help="committed / failed / pending shards of OUTPUT")
     st.add_argument("output", metavar="OUTPUT")
@@ -164,7 +164,8 @@ def _evaluate(args) -> int:
 
     config = EvalConfig(source=args.source, teacher=args.teacher, ground_truth=_rule(args),
                         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-                        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json)
+                        max_attempts=args.max_attempts, ray_address=args.ray_address,
+                        progress=sys.stderr.isatty() or not args.json)
     report = evaluate(config)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 3 if report["failed_shards"] else 0

@@ -43,21 +43,27 @@ class LabelConfig:
             raise ConfigError("OUTPUT is empty")
         if (self.teacher is None) == (self.ground_truth is None):
             raise ConfigError("a job labels with a teacher or converts ground truth, exactly one of them")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.max_attempts < 1:
-            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.dtype in ("fp16", "bf16") and self.device == "cpu":
-            raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+        check_resources(self)
         if self.claim_seconds < 4:
             raise ConfigError(f"the shard claim must be >= 4 s, got {self.claim_seconds}")
         if self.lease_seconds <= 0:
             raise ConfigError(f"the job lease must be > 0 s, got {self.lease_seconds}")
-        if self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+def check_resources(config) -> None:
+    """The settings every engine job shares (label, convert-gt, evaluate): batches, actors,
+    attempts, device and precision."""
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.workers is not None and config.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {config.workers}")
+    if config.max_attempts < 1:
+        raise ConfigError(f"--max-attempts must be >= 1, got {config.max_attempts}")
+    if config.device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.dtype in ("fp16", "bf16") and config.device == "cpu":
+        raise ConfigError(f"--dtype {config.dtype} needs --device cuda; the CPU path runs in fp32")
+    if config.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {config.threads}")

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from engine import job
-from engine.config import DTYPES, ConfigError
+from engine.config import ConfigError, check_resources
 from engine.executor import Scheduler
 from engine.inputs import InputError, expand
 from engine.label import actor_layout, start_ray
@@ -41,14 +41,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.dtype in ("fp16", "bf16") and self.device == "cpu":
-            raise ConfigError(f"--dtype {self.dtype} needs --device cuda; the CPU path runs in fp32")
+        check_resources(self)
 
 
 @dataclass(frozen=True)

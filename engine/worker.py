@@ -110,7 +110,7 @@ class LabelActor(_Worker):
         self.spec = spec
         self.labelers = load_labelers(spec)
         self.output = open_store(spec.output)
-        self._started(next((m.device for m in (self.labelers.teacher, self.labelers.sky) if m), "cpu"))
+        self._started(self.labelers.device or "cpu")
 
     def run(self, task: ShardTask) -> ShardResult:
         return self._measured(task, lambda live: label_shard(

@@ -18,10 +18,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
-from labelers.devices import upload
 from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
 from pipelines.decode import decode, decode_labeled, sample_from_members
@@ -57,6 +57,11 @@ class Labelers:
     def names(self) -> dict:
         return {"teacher": self.teacher.name if self.teacher else GROUND_TRUTH,
                 "sky_model": self.sky.name if self.sky else "none"}
+
+    @property
+    def device(self):
+        """Where the models run (None: no model, a ground-truth conversion without sky)."""
+        return next((m.device for m in (self.teacher, self.sky) if m is not None), None)
 
     def decode(self, sample: Sample) -> Sample:
         return decode(sample) if self.teacher else decode_labeled(sample, self.ground_truth)
@@ -108,9 +113,10 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     """Sky then teacher over one batch of decoded samples; returns model seconds. Ground
     truth samples keep the raw disparity their decode stage read. On a GPU the images are
     uploaded once, for both models."""
-    device = labelers.teacher.device if labelers.teacher else labelers.sky.device if labelers.sky else None
     t0 = time.perf_counter()
-    images = upload([s.image for s in batch], device) if device is not None else [s.image for s in batch]
+    images = [s.image for s in batch]
+    if labelers.device is not None:
+        images = upload(images, labelers.device)
     masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
     raws = labelers.teacher.predict(images) if labelers.teacher else [s.raw for s in batch]
@@ -154,9 +160,6 @@ def label_shard(
             t0 = time.perf_counter()
             records = tar.add(enc.key, enc.members) if enc.members else []
             stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
-            for stage in ("decode", "sky", "teacher", "encode"):
-                if enc.row.get(f"{stage}_s") is not None:
-                    stages[stage] = stages.get(stage, 0.0) + enc.row[f"{stage}_s"]
             rows.append({**enc.row, "members": [
                 {"name": r.name, "offset": r.offset, "size": r.size, "sha256": r.sha256}
                 for r in records]})
@@ -192,6 +195,10 @@ def label_shard(
         owner = {"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}
         result.committed = commit_shard(output, task.name, out, encode_part(rows), owner, claim)
         stages["commit"] = time.perf_counter() - t_close   # completing the upload, the manifest part
+    for stage in ("decode", "sky", "teacher", "encode"):     # the rows' own timers, summed
+        times = [r[f"{stage}_s"] for r in rows if r.get(f"{stage}_s") is not None]
+        if times:
+            stages[stage] = sum(times)
 
     result.samples = len(rows)
     result.ok = sum(r["status"] == "ok" for r in rows)

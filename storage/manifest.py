@@ -42,7 +42,8 @@ SCHEMA = pa.schema(
         ("source_kind", pa.string()),    # "pseudo" (teacher labels) or "gt"
         ("valid_fraction", pa.float32()),  # gt only: share of pixels valid.png marks valid
         ("degenerate", pa.bool_()),      # hi - lo ~ 0 or no non-sky pixel: label is all 0
-        ("disp_p05", pa.float32()),      # percentiles of the normalized label over non-sky pixels
+        ("disp_p05", pa.float32()),      # percentiles of the normalized label over the pixels it was
+                                         # normalized on (non-sky; and valid, for gt)
         ("disp_p50", pa.float32()),
         ("disp_p95", pa.float32()),
         ("members", pa.list_(MEMBER)),   # every member of this sample in the tar
