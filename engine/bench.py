@@ -10,7 +10,9 @@ models and the same resources, after a warm-up, each repeated (median and spread
 
 and the ratios of the engine to each. Steady-state rates exclude cluster start and model load,
 which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
-of 10 N, each in a fresh worker. ``--plan N`` / ``--audit N``: see engine.bench_scale.
+of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
+samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
+``--plan N`` / ``--audit N``: see engine.bench_scale.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from engine.bench_scale import audit_figures, plan_figures
 from engine.config import ConfigError, LabelConfig
-from engine.synthetic import DEFAULT_SIZES, write_shard
+from engine.synthetic import DEFAULT_SIZES, write_hostile_shard, write_shard
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class BenchConfig:
     images: int = 64
     sizes: list = field(default_factory=lambda: list(DEFAULT_SIZES))
     memory: bool = False
+    hostile: bool = False                 # peak worker RSS: a hostile shard beside an ordinary one
     batch_size: int = 8
     workers: int | None = None
     device: str = "auto"
@@ -144,6 +147,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                                 for k in ("model_only", "ray_data", "naive") if report[k].get("images_per_second")}
         if cfg.memory:
             report["memory"] = _memory(cfg, root, teacher, sky)
+        if cfg.hostile:
+            report["hostile"] = _hostile(cfg, root, teacher, sky)
     finally:
         if started:
             import ray
@@ -231,6 +236,20 @@ def _memory(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict
     return memory
 
 
+def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict:
+    """One fresh worker per shard: N ordinary photos, then N samples built to exhaust memory.
+    Within the limits, the hostile shard costs no more than the ordinary one (goal: <= 1.5x)."""
+    figures = {}
+    for kind, build in (("ordinary", write_shard), ("hostile", write_hostile_shard)):
+        shard = build(root / f"hostile-{kind}" / f"{kind}.tar", cfg.images)
+        r = _label(cfg, str(shard), str(root / f"out-hostile-{kind}"), teacher, sky)
+        figures[kind] = {"images": cfg.images, "samples_ok": r.samples_ok, "samples_error": r.samples_error,
+                         "peak_worker_rss_mb": round(r.peak_worker_rss_mb, 1)}
+    figures["hostile_over_ordinary"] = round(
+        figures["hostile"]["peak_worker_rss_mb"] / figures["ordinary"]["peak_worker_rss_mb"], 3)
+    return figures
+
+
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
     if "audit" in r:
@@ -276,3 +295,8 @@ def print_report(r: dict) -> None:
         print(f"memory: peak worker RSS {m['small']['peak_worker_rss_mb']:.0f} MiB for {m['small']['images']} images, "
               f"{m['large']['peak_worker_rss_mb']:.0f} MiB for {m['large']['images']} images "
               f"(ratio {m['large_over_small']:.3f})")
+    if "hostile" in r:
+        h = r["hostile"]
+        print(f"hostile input: peak worker RSS {h['hostile']['peak_worker_rss_mb']:.0f} MiB for {h['hostile']['images']} "
+              f"hostile samples ({h['hostile']['samples_error']} refused), {h['ordinary']['peak_worker_rss_mb']:.0f} MiB "
+              f"for as many photos (ratio {h['hostile_over_ordinary']:.3f}; goal <= 1.5)")

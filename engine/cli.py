@@ -31,6 +31,30 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
                    help="sky segmentation model, or none (default: %(default)s)")
     _resource_arguments(p)
     p.add_argument("--retry-failed", action="store_true", help="retry shards that exhausted their attempts")
+    _limit_arguments(p)
+
+
+def _limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one sample may cost a worker; beyond it the sample is an error row (README "Limits")."""
+    from pipelines.decode import SampleLimits
+
+    d = SampleLimits()
+    p.add_argument("--max-image-pixels", type=int, default=d.max_pixels, metavar="N",
+                   help="refuse images whose header claims more pixels (default: %(default)s)")
+    p.add_argument("--max-aspect", type=float, default=d.max_aspect, metavar="R",
+                   help="refuse images whose long side / short side exceeds R (default: %(default)s)")
+    p.add_argument("--max-member-bytes", type=int, default=d.max_member_bytes, metavar="N",
+                   help="refuse a sample with a tar member larger than N bytes, unread (default: %(default)s)")
+
+
+def _limits(args):
+    from pipelines.decode import SampleLimits
+
+    try:
+        return SampleLimits(max_pixels=args.max_image_pixels, max_aspect=args.max_aspect,
+                            max_member_bytes=args.max_member_bytes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _resource_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +119,8 @@ def build_parser() -> Parser:
     b.add_argument("--images", type=int, default=64, metavar="N")
     b.add_argument("--sizes", default=None, metavar="WxH,...")
     b.add_argument("--memory", action="store_true", help="also peak worker RSS for N and 10 N image shards")
+    b.add_argument("--hostile", action="store_true",
+                   help="also peak worker RSS for N hostile samples (lying headers, sparse members, 10x10000) beside N photos")
     b.add_argument("--batch-size", type=int, default=8, metavar="N")
     b.add_argument("--workers", type=int, default=None, metavar="N")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -153,7 +179,7 @@ def _label(args) -> int:
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,
         max_attempts=args.max_attempts, retry_failed=args.retry_failed,
-        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json)
+        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json, limits=_limits(args))
     summary = label(config)
     print_summary(summary.to_json(), args.json)
     return summary.exit_code
@@ -284,7 +310,7 @@ def _bench(args) -> int:
 
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
-        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory,
+        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory, hostile=args.hostile,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
@@ -310,23 +336,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    # Every message is redacted: a URL or a server may echo credentials (storage.objectstore.redact).
     except UsageError as e:
-        print(str(e), file=sys.stderr)
+        from storage.objectstore import redact
+
+        print(redact(str(e)), file=sys.stderr)
         return 2
     except ConfigError as e:
-        print(f"depth-engine: {e}", file=sys.stderr)
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: {e}"), file=sys.stderr)
         return 2
     except StorageError as e:
-        print(f"depth-engine: storage: {e}", file=sys.stderr)
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: storage: {e}"), file=sys.stderr)
         return 2
     except JobAborted as e:
-        print(f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again to resume.",
-              file=sys.stderr)
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again to "
+                     "resume."), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("depth-engine: interrupted; committed shards are kept. Run the same command again to resume.",
               file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback as Python would print it, with credentials blanked
+        import traceback
+
+        from storage.objectstore import redact
+
+        print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

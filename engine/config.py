@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 from labelers.ground_truth import GroundTruthRule
+from pipelines.decode import SampleLimits
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
@@ -29,6 +30,7 @@ class LabelConfig:
     retry_failed: bool = False
     ray_address: str | None = None
     threads: int = 4                       # decode/encode threads per actor
+    limits: SampleLimits = field(default_factory=SampleLimits)   # per-sample bytes, pixels, aspect
     progress: bool = True
     # The job lease (one label per OUTPUT): a dead driver's lease lapses after this long.
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_LEASE_SECONDS", 60)))

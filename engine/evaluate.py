@@ -17,7 +17,7 @@ from engine.label import actor_layout, start_ray
 from engine.progress import ProgressBar
 from labelers.ground_truth import GroundTruthRule
 from pipelines.evaluate import ShardEvaluation, summarize
-from pipelines.models import ModelSourceError, resolve
+from pipelines.models import DEPTH, ModelSourceError, check_task, resolve
 from pipelines.pseudo_label import ShardTask
 from storage import layout
 from storage.objectstore import StorageError, open_store
@@ -82,6 +82,7 @@ def evaluate(config: EvalConfig) -> dict:
     source = source_shards(config.source)
     try:
         teacher = resolve(config.teacher)
+        check_task(teacher, DEPTH)
     except ModelSourceError as e:
         raise ConfigError(str(e)) from None
     results: list[ShardEvaluation] = []

@@ -10,6 +10,7 @@ markers): this loop only schedules.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -18,10 +19,23 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from engine.errors import JobAborted
+from engine.errors import JobAborted, WorkerStartError
 from pipelines.pseudo_label import ShardResult, ShardTask
 
 PER_ACTOR = 2
+START_FAILURES = 3      # workers failing to start, in a row, before the job stops (exit 2)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)?: ")
+
+
+def creation_error(exc: BaseException) -> str:
+    """The remote exception of an actor that died in its constructor, as one line
+    ("Type: message"), taken from the traceback Ray carries in its message."""
+    lines = [ln.rstrip() for ln in _ANSI.sub("", getattr(exc, "error_msg", "") or str(exc)).splitlines()]
+    starts = [i for i, ln in enumerate(lines) if _EXCEPTION_LINE.match(ln)]
+    if not starts:
+        return next((ln.strip() for ln in reversed(lines) if ln.strip()), type(exc).__name__)
+    return " ".join(ln.strip() for ln in lines[starts[-1]:] if ln.strip())
 
 
 def describe(exc: BaseException) -> str:
@@ -30,6 +44,8 @@ def describe(exc: BaseException) -> str:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         lines = str(cause).strip().splitlines()
         return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
+    if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
+        return f"worker could not start: {creation_error(exc)}"
     if isinstance(exc, RayActorError):
         lines = str(exc).strip().splitlines()
         return f"worker died: {lines[0] if lines else type(exc).__name__}"
@@ -61,6 +77,7 @@ class Scheduler:
         self.inflight: dict = {}            # ObjectRef -> (task, _Actor, started)
         self.no_ready_since: float | None = None
         self.first_ready_at: float | None = None   # when the first actor had its models loaded
+        self.start_failures = 0             # actors that failed in their constructor, in a row
 
     # -- actors ---------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -78,11 +95,19 @@ class Scheduler:
                 a.name = ray.get(a.ready_ref)
                 a.ready_ref = None
                 self.first_ready_at = self.first_ready_at or time.time()
+                self.start_failures = 0
             except RayError as exc:
                 # A worker that cannot load its models fails every shard: that is not retryable.
                 if isinstance(exc, RayTaskError):
                     raise JobAborted(f"a worker could not start: {describe(exc)}") from None
                 self.actors.remove(a)
+                if getattr(exc, "actor_init_failed", False):
+                    # Its constructor raised: a node without the model, a model that will not load.
+                    # Say why at once, and stop after a few in a row rather than restart forever.
+                    self.start_failures += 1
+                    if self.start_failures >= START_FAILURES:
+                        raise WorkerStartError(f"workers cannot start ({self.start_failures} failed in a row): "
+                                               f"{creation_error(exc)}") from None
                 self.on_event(f"a starting worker died ({describe(exc)}); starting another")
                 self._spawn()
 

@@ -3,6 +3,9 @@
 Forms: a brace pattern (``s3://b/raw/shard-{000000..000099}.tar``), a prefix ending in
 ``/`` (every ``*.tar`` below it), a local directory or glob, ``@FILE`` (one URL a line),
 or a single shard URL.
+
+Everything INPUT names is checked here, before a job touches OUTPUT: every URL must name an
+object (no network), give a safe and unique shard name, and exist when it is local.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import os
 from braceexpand import braceexpand
 
 from storage import layout
-from storage.objectstore import is_s3, open_store
+from storage.objectstore import InvalidURL, is_s3, local_path, locate, open_store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -22,7 +25,10 @@ class InputError(ValueError):
     """INPUT names nothing usable; the message says what was looked at."""
 
 
-def expand(spec: str) -> list[str]:
+def expand(spec: str, exclude: str | None = None) -> list[str]:
+    """The input shard URLs, leaving out any under ``exclude`` (the OUTPUT root): an OUTPUT
+    inside the INPUT tree holds ``shards/*.tar`` that are labels, not inputs, and leaving them
+    out by place (not by what exists) gives the same list on the first run and on a rerun."""
     if not spec:
         raise InputError("INPUT is empty")
     if spec.startswith("@"):
@@ -32,10 +38,17 @@ def expand(spec: str) -> list[str]:
     else:
         urls = _single_or_glob(spec)
     urls = list(dict.fromkeys(urls))
-    if not urls:
-        raise InputError(f"INPUT {spec!r} matches no input shard")
-    _check_names(urls)
-    return urls
+    for url in urls:
+        _check_url(url)
+    root = open_store(exclude).url if exclude else None
+    kept = [u for u in urls if not (root and _under(u, root))]
+    if not kept:
+        left = len(urls) - len(kept)
+        why = f" ({left} under OUTPUT {exclude} left out)" if left else ""
+        raise InputError(f"INPUT {spec!r} matches no input shard{why}")
+    _check_names(kept)
+    _check_local_files(kept)
+    return kept
 
 
 def _from_list(path: str) -> list[str]:
@@ -44,7 +57,7 @@ def _from_list(path: str) -> list[str]:
             lines = [ln.strip() for ln in f]
     except OSError as e:
         raise InputError(f"cannot read the shard list {path!r}: {e.strerror}") from None
-    return [ln if is_s3(ln) else os.path.abspath(ln) for ln in lines if ln and not ln.startswith("#")]
+    return [ln if is_s3(ln) else _local(ln) for ln in lines if ln and not ln.startswith("#")]
 
 
 def _single_or_glob(spec: str) -> list[str]:
@@ -52,7 +65,16 @@ def _single_or_glob(spec: str) -> list[str]:
         return _tars_below(spec)
     if any(c in spec for c in "*?["):
         return _glob(spec)
-    return [spec if is_s3(spec) else os.path.abspath(spec)]
+    return [spec if is_s3(spec) else _local(spec)]
+
+
+def _local(path: str) -> str:
+    """An absolute path; a URL of a scheme other than s3:// and file:// is refused, not read
+    as a relative path."""
+    try:
+        return local_path(path)
+    except InvalidURL as e:
+        raise InputError(f"INPUT: {e}") from None
 
 
 def _tars_below(prefix: str) -> list[str]:
@@ -69,11 +91,42 @@ def _glob(pattern: str) -> list[str]:
     return [u for u in (store.url_of(o.key) for o in store.list()) if fnmatch.fnmatchcase(u, pattern)]
 
 
+def _check_url(url: str) -> None:
+    """Each URL must name one object; found here, not by a worker (parsing only, no network)."""
+    try:
+        locate(url)
+    except InvalidURL as e:
+        raise InputError(f"INPUT names {url!r}, which is not a shard: {e}") from None
+
+
+def _under(url: str, root: str) -> bool:
+    """Whether ``url`` lies below the store root URL ``root`` (local paths compared resolved)."""
+    if is_s3(url) != is_s3(root):
+        return False
+    if is_s3(url):
+        store, key = locate(url)
+        return store.url_of(key).startswith(root)
+    return os.path.realpath(url).startswith(os.path.realpath(root) + os.sep)
+
+
+def _check_local_files(urls: list[str]) -> None:
+    """A missing local shard is a typo, refused before OUTPUT is created (S3 URLs are not
+    checked: one request per URL of a brace pattern would cost more than the job's plan)."""
+    missing = [u for u in urls if not is_s3(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"input shard {missing[0]} does not exist{more}")
+
+
 def _check_names(urls: list[str]) -> None:
-    """Output names come from input file names: two inputs with one name would collide."""
+    """Output names come from input file names: each must be a safe key segment, and two
+    inputs with one name would collide."""
     seen: dict[str, str] = {}
     for url in urls:
-        name = layout.shard_name(url)
+        try:
+            name = layout.shard_name(url)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if name in seen:
             raise InputError(f"two input shards share the name {name!r}: {seen[name]} and {url}")
         seen[name] = url

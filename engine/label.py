@@ -20,7 +20,7 @@ from engine.inputs import InputError, expand
 from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
-from pipelines.models import ModelRef, ModelSourceError, id2label, resolve
+from pipelines.models import DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label, resolve
 from pipelines.pseudo_label import ShardResult, ShardTask
 from storage import layout
 from storage.objectstore import open_store
@@ -69,10 +69,11 @@ def teacher_input(ref: ModelRef) -> dict:
 
 
 def check_sky_model(ref: ModelRef) -> None:
-    """Refuse a sky model without a sky class before any cluster time is spent (from its
-    config alone: the weights are not loaded on the driver)."""
+    """Refuse a sky model that is no semantic segmentation model, or has no sky class, before
+    any cluster time is spent (from its config alone: the weights are not loaded on the driver)."""
     from labelers.sky import sky_class_ids
 
+    check_task(ref, SEGMENTATION)
     if not sky_class_ids(id2label(ref)):
         raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "
                           "pass a segmentation model with a sky class, or --sky none")
@@ -124,8 +125,10 @@ def label(config: LabelConfig) -> Summary:
     t0 = time.time()
     output = open_store(config.output)
     try:
-        shards = expand(config.input)
+        shards = expand(config.input, exclude=output.url)
         teacher = resolve(config.teacher) if config.teacher else None
+        if teacher:
+            check_task(teacher, DEPTH)
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
@@ -156,7 +159,8 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
                            teacher_sha256=teacher.sha256 if teacher else None, ground_truth=config.ground_truth,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,
-                           torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds)
+                           torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds,
+                           limits=config.limits)
         _run(config, output, todo.todo, wspec, layout_.actors, layout_.options, summary, lock)
     finally:
         if started:

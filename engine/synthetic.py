@@ -49,3 +49,71 @@ def write_shard(path: Path, images: int, sizes=DEFAULT_SIZES, seed: int = 0) -> 
             sink.write({"__key__": f"{path.stem}-{i:07d}", "jpg": cache[k],
                         "json": json.dumps({"synthetic": True, "index": i}).encode()})
     return path
+
+
+def lying_jpeg(width: int = 9000, height: int = 9000) -> bytes:
+    """A ~1 KB JPEG whose frame header claims width x height: libjpeg "decodes" it by filling the
+    missing scans with grey, 3 bytes of memory per claimed pixel."""
+    data = bytearray(jpeg(scene(16, 16), quality=50))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular tar member (header and padded data), name given as the reader will see it."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + _padded(data)
+
+
+def sparse_member(name: str, realsize: int = 1 << 30, stored: int = 512) -> bytes:
+    """An old-GNU sparse member ('S'): ``stored`` bytes in the tar, ``realsize`` once expanded
+    (tarfile's extractfile expands it, zeros and all). tarfile cannot write these, so the header
+    is built here from the GNU layout."""
+    h = bytearray(512)
+
+    def octal(offset: int, width: int, value: int) -> None:
+        h[offset:offset + width] = b"%0*o\0" % (width - 1, value)
+
+    h[0:len(name.encode())] = name.encode()
+    octal(100, 8, 0o644), octal(108, 8, 0), octal(116, 8, 0), octal(124, 12, stored), octal(136, 12, 0)
+    h[156:157] = b"S"
+    h[257:265] = b"ustar  \0"
+    octal(386, 12, realsize - stored), octal(398, 12, stored)   # one map entry: data at the end
+    octal(483, 12, realsize)
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + _padded(bytes(stored))
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def write_hostile_shard(path: Path, images: int) -> Path:
+    """A shard of ``images`` samples that attack a worker's memory, cycling through three kinds:
+    a JPEG header claiming 9000x9000 in about a kilobyte, a GNU sparse member claiming 1 GiB
+    beside a photo, and an extreme aspect ratio (10x10000). Each must cost next to nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo, lying, thin = jpeg(scene(240, 320)), lying_jpeg(), png(scene(10, 10000))
+    with open(path, "wb") as f:
+        for i in range(images):
+            key = f"{path.stem}-{i:07d}"
+            kind = i % 3
+            if kind == 0:
+                f.write(tar_member(f"{key}.jpg", lying))
+            elif kind == 1:
+                f.write(tar_member(f"{key}.jpg", photo) + sparse_member(f"{key}.bin"))
+            else:
+                f.write(tar_member(f"{key}.png", thin))
+        f.write(bytes(1024))
+    return path

@@ -17,6 +17,7 @@ import ray
 from labelers.devices import GpuSampler
 from labelers.ground_truth import GroundTruthRule
 from pipelines.commit import ClaimPolicy
+from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.models import resolve
 from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
@@ -40,6 +41,7 @@ class WorkerSpec:
     threads: int = 4
     torch_threads: int | None = None
     claim_seconds: float = 60.0
+    limits: SampleLimits = SampleLimits()
 
 
 def _check_same_weights(source: str, found: str, expected: str) -> None:
@@ -115,7 +117,8 @@ class LabelActor(_Worker):
     def run(self, task: ShardTask) -> ShardResult:
         return self._measured(task, lambda live: label_shard(
             task, self.labelers, self.output, batch_size=self.spec.batch_size, threads=self.spec.threads,
-            worker=self.name, progress=live, claim=ClaimPolicy.of(self.spec.claim_seconds)))
+            worker=self.name, progress=live, claim=ClaimPolicy.of(self.spec.claim_seconds),
+            limits=self.spec.limits))
 
 
 @ray.remote(concurrency_groups={"report": 1})

@@ -27,16 +27,17 @@ def load_pretrained(auto_model, source: str, *, revision: str | None, device: to
     from transformers import AutoImageProcessor
 
     path = Path(source)
-    if path.is_dir() and not any(path.glob("*.safetensors")):
+    # What from_pretrained(use_safetensors=True) looks for; any other *.safetensors is not loaded.
+    if path.is_dir() and not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         raise _refuse(source)
     try:
-        model = auto_model.from_pretrained(source, revision=revision, use_safetensors=True)
+        model = auto_model.from_pretrained(source, revision=revision, use_safetensors=True, trust_remote_code=False)
     except OSError as err:  # a hub repo without safetensors; other errors pass through
         message = str(err)
         if "safetensors" in message and ("does not appear to have" in message or "no file named" in message):
             raise _refuse(source) from err
         raise
-    processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    processor = AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
     # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
     return model.float().eval().to(device), processor
 

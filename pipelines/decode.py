@@ -1,19 +1,62 @@
-"""Image bytes -> the RGB array the models see (SPEC §5.1: after EXIF orientation, RGB)."""
+"""Image bytes -> the RGB array the models see (SPEC §5.1: after EXIF orientation, RGB), within
+the worker's limits.
+
+A crawl holds images nobody here wrote, so the header is checked before a pixel is decoded:
+the pixel count (``--max-image-pixels``), the aspect ratio (``--max-aspect``) and, for JPEG,
+whether the file is long enough to hold the scans its header claims. libjpeg fills missing
+scans with grey and reports success, so a 1 KB file claiming 9000x9000 would otherwise decode
+"ok" into 243 MB of grey; the same fill at the bottom of a decoded JPEG is refused too.
+"""
 from __future__ import annotations
 
 import io
 import time
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelers.ground_truth import GroundTruthError, GroundTruthRule, decode_ground_truth
 from pipelines.sample import Sample
-from storage.shards import IMAGE_EXTENSIONS
+from storage.shards import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS
+
+# The engine's own limit (SampleLimits.max_pixels), checked from the header, replaces Pillow's
+# process-wide one: Pillow's is a warning whose filter is not thread-safe, and decode runs in threads.
+Image.MAX_IMAGE_PIXELS = None
 
 # PNG/TIFF modes that carry more than 8 bits per channel.
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# A Huffman-coded JPEG spends at least one bit per 8x8 luma block (its DC code); real files spend
+# two or more even on a flat image. Arithmetic coding can go below, so it is not held to this.
+_JPEG_MIN_BITS_PER_BLOCK = 1
+_ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_HUFFMAN_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}
+_JPEG_FILL = 128        # the grey libjpeg decodes missing blocks to
+_FILL_ROWS = 8          # one block row
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """What one sample may cost a worker (README "Limits"). Beyond a limit the sample is an
+    error row with the reason; the rest of the shard goes on."""
+
+    max_pixels: int = 128_000_000       # 100 MP cameras and 50 MP phones pass
+    max_aspect: float = 8.0             # long side / short side; the teacher's tokens grow with it
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES   # any one tar member, checked before reading
+
+    def __post_init__(self):
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-image-pixels must be >= 1, got {self.max_pixels}")
+        if not self.max_aspect >= 1:
+            raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"--max-member-bytes must be >= 1, got {self.max_member_bytes}")
+
+    @property
+    def inflight_pixels(self) -> int:
+        """Decoded pixels a worker holds at once (read-ahead, batches, encoding): two of the
+        largest images allowed, so memory is bounded by pixels whatever the batch size."""
+        return 2 * self.max_pixels
 
 
 class DecodeError(ValueError):
@@ -37,23 +80,90 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode fully (so truncation is caught here, not in a model) and orient."""
+def jpeg_coding(data: bytes) -> str | None:
+    """'huffman' or 'arithmetic' from the JPEG's frame marker (None: not found)."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker in _HUFFMAN_SOF:
+            return "huffman"
+        if marker in _ARITHMETIC_SOF:
+            return "arithmetic"
+        if marker == 0xDA:          # start of scan before any frame
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def check_header(img: Image.Image, data: bytes, limits: SampleLimits) -> int:
+    """The header's promises against the limits, before decoding; returns the pixel count."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    if img.format in ("JPEG", "MPO") and jpeg_coding(data) == "huffman":
+        blocks = -(-width // 8) * -(-height // 8)
+        least = blocks * _JPEG_MIN_BITS_PER_BLOCK // 8
+        if len(data) < least:
+            raise DecodeError(f"truncated JPEG: {len(data)} bytes cannot hold the {width}x{height} its header "
+                              f"claims (at least {least}); the decoder would fill it with grey")
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise DecodeError(f"image too large: {width}x{height} = {pixels / 1e6:.1f} MP exceeds "
+                          f"--max-image-pixels {limits.max_pixels / 1e6:g} MP")
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect:
+        raise DecodeError(f"aspect ratio {aspect:.1f}:1 ({width}x{height}) exceeds --max-aspect {limits.max_aspect:g}")
+    return pixels
+
+
+def _check_jpeg_fill(img: Image.Image) -> None:
+    """A JPEG whose scans end early (an end marker mid-image) decodes with its last rows set to
+    libjpeg's fill grey: refuse it rather than label grey as a scene. An image that is that grey
+    all over passes (its label is flagged degenerate by the audit, not hidden)."""
+    if img.format not in ("JPEG", "MPO") or img.mode not in ("L", "RGB") or img.height < _FILL_ROWS:
+        return
+    pixels = np.asarray(img)
+    if (pixels[-_FILL_ROWS:] == _JPEG_FILL).all() and not (pixels == _JPEG_FILL).all():
+        raise DecodeError("truncated JPEG: its last rows are the decoder's grey fill (scans missing)")
+
+
+def probe_image(data: bytes, limits: SampleLimits = SampleLimits()) -> int:
+    """Header checks only (cheap: nothing is decoded); returns the pixel count."""
     if not data:
         raise DecodeError("empty image member")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                rgb = to_rgb(img)
+        with Image.open(io.BytesIO(data)) as img:
+            return check_header(img, data, limits)
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DecodeError(f"cannot decode image: {e}") from None
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a hostile header can make any plugin raise anything
+        raise DecodeError(f"cannot read image header: {type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, limits: SampleLimits = SampleLimits()) -> np.ndarray:
+    """Check the header, decode fully (so truncation is caught here, not in a model), orient."""
+    if not data:
+        raise DecodeError("empty image member")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            check_header(img, data, limits)
+            img.load()
+            _check_jpeg_fill(img)
+            img = ImageOps.exif_transpose(img)
+            rgb = to_rgb(img)
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format") from None
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one image's decoder failure is that sample's error row
+        raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DecodeError(f"image has no pixels ({rgb.shape})")
     return np.ascontiguousarray(rgb)
@@ -61,9 +171,12 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def sample_from_members(members: dict, source: str) -> Sample:
     """A WebDataset sample dict -> Sample: the first image member is the image,
-    everything else is carried through."""
+    everything else is carried through. A sample the reader refused (``__error__``: a link,
+    an oversized or sparse member, an unsafe name) becomes its error row."""
     key = members["__key__"]
     sample = Sample(key=key, source=source)
+    if "__error__" in members:
+        return sample.fail(members["__error__"])
     for ext, value in members.items():
         if ext.startswith("__"):
             continue
@@ -76,13 +189,24 @@ def sample_from_members(members: dict, source: str) -> Sample:
     return sample
 
 
-def decode(sample: Sample) -> Sample:
+def probe(sample: Sample, limits: SampleLimits = SampleLimits()) -> int:
+    """Stage 0, in tar order: the header checks; returns the pixels to reserve (0 on error)."""
+    if not sample.ok:
+        return 0
+    try:
+        return probe_image(sample.image_bytes, limits)
+    except DecodeError as e:
+        sample.fail(str(e))
+        return 0
+
+
+def decode(sample: Sample, limits: SampleLimits = SampleLimits()) -> Sample:
     """Stage 1: fill ``sample.image`` or record why it cannot be."""
     if not sample.ok:
         return sample
     t0 = time.perf_counter()
     try:
-        sample.image = decode_image(sample.image_bytes)
+        sample.image = decode_image(sample.image_bytes, limits)
         sample.height, sample.width = sample.image.shape[:2]
     except DecodeError as e:
         sample.fail(str(e))
@@ -90,10 +214,10 @@ def decode(sample: Sample) -> Sample:
     return sample
 
 
-def decode_labeled(sample: Sample, rule: GroundTruthRule) -> Sample:
+def decode_labeled(sample: Sample, rule: GroundTruthRule, limits: SampleLimits = SampleLimits()) -> Sample:
     """Stage 1 of a ground-truth conversion: the image, then its ground truth as the raw
     disparity (SPEC §5.5). A sample without a ground-truth member is an error row."""
-    decode(sample)
+    decode(sample, limits)
     if not sample.ok:
         return sample
     t0 = time.perf_counter()

@@ -59,15 +59,47 @@ def label_mask(sample: Sample) -> np.ndarray | None:
     return sample.valid if sample.sky is None else sample.valid | sample.sky
 
 
-def carried_metadata(extras: dict[str, bytes]) -> dict:
-    """The input's own json member, parsed, so the sample's json keeps it."""
+MAX_INPUT_JSON_BYTES = 1 << 20   # the input's own json member, kept inside the sample's json
+MAX_INPUT_JSON_DEPTH = 64
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def carried_metadata(extras: dict[str, bytes], notes: list[str] | None = None) -> dict:
+    """The input's own json member, parsed, so the sample's json keeps it. Metadata never fails
+    a sample: one that is too large, too deep or not JSON is dropped with a note (the input
+    shard still has it), and NaN/Infinity become null, so the output json is strict."""
     raw = extras.get("json")
     if raw is None:
         return {}
+    notes = [] if notes is None else notes
+    non_finite = []
+    if len(raw) > MAX_INPUT_JSON_BYTES:
+        notes.append(f"input json dropped: {len(raw)} bytes exceeds {MAX_INPUT_JSON_BYTES}")
+        return {}
     try:
-        return {"input": json.loads(raw)}
-    except (ValueError, UnicodeDecodeError):
-        return {"input_json_unparsed": raw.decode("utf-8", "replace")}
+        value = json.loads(raw, parse_constant=lambda c: non_finite.append(c))
+    except RecursionError:
+        notes.append(f"input json dropped: nested deeper than {MAX_INPUT_JSON_DEPTH} levels")
+        return {}
+    except (ValueError, UnicodeDecodeError) as e:
+        notes.append(f"input json dropped: not valid JSON ({str(e)[:120]})")
+        return {}
+    if _depth(value) > MAX_INPUT_JSON_DEPTH:
+        notes.append(f"input json dropped: nested deeper than {MAX_INPUT_JSON_DEPTH} levels")
+        return {}
+    if non_finite:
+        notes.append(f"input json: {len(non_finite)} NaN/Infinity value(s) written as null")
+    return {"input": value}
 
 
 def error_row(sample: Sample, models: dict) -> Encoded:
@@ -96,14 +128,16 @@ def encode(sample: Sample, models: dict) -> Encoded:
         **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi),
         "degenerate": label.degenerate, "sky_fraction": sky_fraction,
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
-        **carried_metadata(sample.extras),
+        **carried_metadata(sample.extras, sample.notes),
     }
     members = {sample.image_ext: sample.image_bytes, "disp.png": disparity_png(label.disparity)}
     if sample.sky is not None:
         members["sky.png"] = mask_png(sample.sky)
     if valid is not None:
         members["valid.png"] = mask_png(valid)
-    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    if sample.notes:
+        meta["notes"] = list(sample.notes)
+    members["json"] = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
     for ext, value in sample.extras.items():
         if ext not in RESERVED and ext not in members:
             members[ext] = value
@@ -115,7 +149,7 @@ def encode(sample: Sample, models: dict) -> Encoded:
         "valid_fraction": valid_fraction, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
         "decode_s": sample.timings.get("decode"), "sky_s": sample.timings.get("sky"),
         "teacher_s": sample.timings.get("teacher"), "model_s": _model_seconds(sample.timings),
-        "encode_s": sample.timings["encode"],
+        "encode_s": sample.timings["encode"], "notes": "; ".join(sample.notes) or None,
     }
     return Encoded(sample.key, members, row)
 

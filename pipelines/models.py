@@ -4,6 +4,10 @@ MODEL (SPEC §1) is a hub id, a local directory, or an ``s3://`` prefix holding 
 ``save_pretrained`` folder. Every form resolves to a local directory on this node (an
 s3 prefix is downloaded once per node into a cache) plus a provenance record for
 job.json: id, revision or path, sha256 of the weights, license where stated.
+
+The driver also checks here, from config.json alone, what a worker would otherwise find out by
+dying while loading: a model for another task, a model that asks for remote code, weights that
+``from_pretrained(use_safetensors=True)`` would not load.
 """
 from __future__ import annotations
 
@@ -15,9 +19,14 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from storage.names import check_member_name
 from storage.objectstore import is_s3, open_store
 
-WEIGHT_SUFFIX = ".safetensors"
+SAFE_WEIGHTS = "model.safetensors"             # what from_pretrained(use_safetensors=True) loads,
+SAFE_INDEX = "model.safetensors.index.json"   # or, when that is absent, the shards this names
+DEPTH = "depth-estimation"
+SEGMENTATION = "semantic-segmentation"
+_AUTO_CLASS = {DEPTH: "AutoModelForDepthEstimation", SEGMENTATION: "AutoModelForSemanticSegmentation"}
 
 
 class ModelSourceError(ValueError):
@@ -70,6 +79,44 @@ def id2label(ref: ModelRef) -> dict:
     return _read_json(Path(ref.path) / "config.json").get("id2label") or {}
 
 
+def check_task(ref: ModelRef, task: str) -> None:
+    """Refuse a model that is not a ``task`` model (DEPTH or SEGMENTATION) or that asks for
+    code from its repository, from its config alone (no weights loaded, no code run): found
+    here it is one line; found by the workers it is every actor dying while loading."""
+    from transformers.models.auto import modeling_auto
+
+    check_no_remote_code(ref)
+    config = _read_json(Path(ref.path) / "config.json")
+    mapping = {DEPTH: modeling_auto.MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES,
+               SEGMENTATION: modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES}[task]
+    model_type, arch = config.get("model_type"), (config.get("architectures") or [None])[0]
+    classes = mapping.get(model_type) or ()
+    classes = (classes,) if isinstance(classes, str) else tuple(classes)
+    if not classes or (arch and arch not in classes):
+        what = f"a {arch} (model_type {model_type!r})" if arch else f"a {model_type!r} model"
+        raise ModelSourceError(f"model {ref.source!r} is {what}, not a {task} model: expected one "
+                               f"that {_AUTO_CLASS[task]} loads")
+
+
+def check_no_remote_code(ref: ModelRef) -> None:
+    """depth-engine runs no code from model repositories: refuse an ``auto_map`` (in the model's
+    or its processor's config) and a model_type that transformers would need code for."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    path = Path(ref.path)
+    for name in ("config.json", "preprocessor_config.json"):
+        if "auto_map" in _read_json(path / name):
+            raise ModelSourceError(f"model {ref.source!r} asks for remote code (auto_map in {name}); "
+                                   "depth-engine runs no code from model repositories")
+    model_type = _read_json(path / "config.json").get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise ModelSourceError(f"model {ref.source!r} has no model_type in config.json; "
+                               "pass a save_pretrained folder")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelSourceError(f"model {ref.source!r} has model_type {model_type!r}, which transformers "
+                               "does not know; depth-engine runs no code from model repositories")
+
+
 def _looks_like_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)) and not source.startswith(".")
 
@@ -92,14 +139,32 @@ def _from_hub(repo_id: str, *, local_only: bool) -> tuple[str, str | None]:
     return path, revision
 
 
+def safe_relative_path(path: str) -> bool:
+    """Whether ``path`` ('/'-separated) stays below the directory it is joined to on every
+    platform: the tar member name rule (storage.names), the one rule for names from outside."""
+    return check_member_name(path) is None
+
+
+def _inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` resolved, or None when that is not inside ``root``: a second guard
+    after safe_relative_path, against a symlink or a case that rule missed."""
+    dest = (root / relative).resolve()
+    return dest if dest.is_relative_to(root.resolve()) else None
+
+
 def _from_s3(url: str) -> str:
     """Download every object under the prefix into the node cache, once (a file lock
-    makes concurrent actors on one node wait for the first download)."""
+    makes concurrent actors on one node wait for the first download). Every key is checked
+    before anything is written: a key such as ``../../x`` must not write outside the cache."""
     prefix = url if url.endswith("/") else url + "/"
     store = open_store(prefix)
     objects = [o for o in store.list() if not o.key.endswith("/")]
     if not objects:
         raise ModelSourceError(f"model prefix {url} holds no objects")
+    bad = [o.key for o in objects if not safe_relative_path(o.key)]
+    if bad:
+        raise ModelSourceError(f"model prefix {url} holds a key that is not a plain relative path "
+                               f"({bad[0]!r}); refusing to download it")
     # The listing (keys, sizes, ETags) names the version: a changed object gets a new cache dir.
     version = hashlib.sha256(json.dumps(
         [(o.key, o.size, o.etag) for o in objects]).encode()).hexdigest()[:16]
@@ -109,26 +174,59 @@ def _from_s3(url: str) -> str:
     with open(target.parent / f"{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            for o in objects:
-                dest = target / o.key
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".part")
-                with store.open_read(o.key) as src, open(tmp, "wb") as f:
-                    while chunk := src.read(8 << 20):
-                        f.write(chunk)
-                os.replace(tmp, dest)
+            try:
+                for o in objects:
+                    dest = _inside(target, o.key)
+                    if dest is None:
+                        raise ModelSourceError(f"model prefix {url}: the key {o.key!r} would be written "
+                                               f"outside {target}")
+                    _download(store, o.key, dest)
+            except OSError as e:
+                raise ModelSourceError(f"model {url} could not be downloaded into {target}: {e}") from None
             done.touch()
     return str(target)
 
 
+def _download(store, key: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with store.open_read(key) as src, open(tmp, "wb") as f:
+        while chunk := src.read(8 << 20):
+            f.write(chunk)
+    os.replace(tmp, dest)
+
+
 def _weights(path: Path, source: str) -> dict:
-    files = sorted(p for p in path.rglob(f"*{WEIGHT_SUFFIX}"))
-    if not files:
+    """sha256 of each weight file a worker will load: exactly those, so job.json proves them."""
+    return {name: _sha256_file(path / name) for name in weight_files(path, source)}
+
+
+def weight_files(path: Path, source: str) -> list[str]:
+    """The files ``from_pretrained(use_safetensors=True)`` loads from ``path``: model.safetensors,
+    else the shards model.safetensors.index.json names. Anything else (a stray other.safetensors
+    beside a pickle) is refused here, on the driver, rather than by every worker."""
+    if "transformers_weights" in _read_json(path / "config.json"):
+        raise ModelSourceError(f"model {source!r} names its own weights file in config.json "
+                               f"(transformers_weights); depth-engine loads {SAFE_WEIGHTS} or {SAFE_INDEX}")
+    if (path / SAFE_WEIGHTS).is_file():
+        return [SAFE_WEIGHTS]
+    if not (path / SAFE_INDEX).is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.is_file())[:8])
         raise ModelSourceError(
-            f"model {source!r} has no .safetensors weights (found: {found or 'nothing'}); "
-            "depth-engine loads safetensors only")
-    return {str(p.relative_to(path)): _sha256_file(p) for p in files}
+            f"model {source!r} has no {SAFE_WEIGHTS} and no {SAFE_INDEX} (found: {found or 'nothing'}); "
+            "depth-engine loads safetensors weights only, saved by save_pretrained")
+    weight_map = _read_json(path / SAFE_INDEX).get("weight_map")
+    shards = list(dict.fromkeys(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not shards:
+        raise ModelSourceError(f"model {source!r}: {SAFE_INDEX} names no weight shards")
+    for name in shards:
+        if not isinstance(name, str) or not safe_relative_path(name):
+            raise ModelSourceError(f"model {source!r}: {SAFE_INDEX} names the shard {name!r}, "
+                                   "which is not a plain relative path")
+        if not (path / name).is_file():
+            raise ModelSourceError(f"model {source!r}: {SAFE_INDEX} names the shard {name!r}, "
+                                   "which is missing")
+    return sorted(shards)
 
 
 def _sha256_file(p: Path) -> str:
@@ -141,9 +239,14 @@ def _sha256_file(p: Path) -> str:
 
 def _read_json(p: Path) -> dict:
     try:
-        return json.loads(p.read_text())
+        doc = json.loads(p.read_text())
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"{p} is not readable JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ModelSourceError(f"{p} is not a JSON object")
+    return doc
 
 
 def _license(path: Path) -> str | None:

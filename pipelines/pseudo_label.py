@@ -23,8 +23,8 @@ from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.commit import ClaimPolicy, commit_shard
-from pipelines.concurrency import Bucketer, OrderedSink, prefetch_map
-from pipelines.decode import decode, decode_labeled, sample_from_members
+from pipelines.concurrency import Bucketer, OrderedSink, PixelBudget, prefetch_map
+from pipelines.decode import SampleLimits, decode, decode_labeled, probe, sample_from_members
 from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
 from storage import layout
@@ -63,8 +63,8 @@ class Labelers:
         """Where the models run (None: no model, a ground-truth conversion without sky)."""
         return next((m.device for m in (self.teacher, self.sky) if m is not None), None)
 
-    def decode(self, sample: Sample) -> Sample:
-        return decode(sample) if self.teacher else decode_labeled(sample, self.ground_truth)
+    def decode(self, sample: Sample, limits: SampleLimits = SampleLimits()) -> Sample:
+        return decode(sample, limits) if self.teacher else decode_labeled(sample, self.ground_truth, limits)
 
     def batch_key(self, sample: Sample):
         """Samples that can share a forward pass: same teacher input size."""
@@ -140,6 +140,7 @@ def label_shard(
     worker: str = "",
     progress: Progress | None = None,
     claim: ClaimPolicy = ClaimPolicy(),
+    limits: SampleLimits = SampleLimits(),
 ) -> ShardResult:
     """Label one input shard into ``output``: the tar is streamed out, completed, and only
     then is the manifest part written (the commit record, see pipelines.commit). Raises on
@@ -166,14 +167,29 @@ def label_shard(
             progress.samples += 1
             progress.errors += enc.row["status"] != "ok"
 
+        budget = PixelBudget(limits.inflight_pixels)
+
+        def read():   # the reader thread, in tar order: header checks, then the pixels are reserved
+            for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes):
+                sample = sample_from_members(members, task.source)
+                sample.held = budget.acquire(probe(sample, limits))
+                yield sample
+
+        def finish(sample: Sample) -> Encoded:   # encode, then free the arrays and their pixels
+            try:
+                return encode(sample, models)
+            finally:
+                sample.image = sample.raw = sample.sky = sample.valid = None
+                budget.release(sample.held)
+
         with ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:
             sink = OrderedSink(write, depth=4 * batch_size)
-            submit = lambda s: sink.put(pool.submit(encode, s, models))  # noqa: E731
-            bucketer = Bucketer(batch_size, key=labelers.batch_key)
+            submit = lambda s: sink.put(pool.submit(finish, s))  # noqa: E731
+            half = budget.capacity // 2
+            bucketer = Bucketer(batch_size, key=labelers.batch_key, cost=lambda s: s.held,
+                                max_batch_cost=half, max_pending_cost=half)
             try:
-                decoded = prefetch_map(
-                    lambda m: labelers.decode(sample_from_members(m, task.source)),
-                    iter_tar_samples(stream), pool, depth=2 * batch_size)
+                decoded = prefetch_map(lambda s: labelers.decode(s, limits), read(), pool, depth=2 * batch_size)
                 for sample in decoded:
                     if not sample.ok:
                         submit(sample)
@@ -186,6 +202,8 @@ def label_shard(
             except BaseException:
                 sink.abandon()
                 raise
+            finally:
+                budget.close()
         t_close = time.perf_counter()
         result.tar_size = tar.close()
         stamp = dt.datetime.now(dt.timezone.utc)

@@ -28,6 +28,8 @@ class Sample:
     valid: np.ndarray | None = None             # bool HxW, ground truth only: True = label known
     ground_truth: str | None = None             # ground truth only: the member it came from
     error: str | None = None
+    notes: list[str] = field(default_factory=list)   # what was dropped from an ok sample, and why
+    held: int = 0                               # pixels reserved in the worker's budget (PixelBudget)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     @property

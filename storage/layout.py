@@ -5,6 +5,8 @@ from __future__ import annotations
 import posixpath
 import re
 
+from storage.names import check_member_name
+
 JOB = "job.json"
 SHARDS = "shards/"
 MANIFEST = "manifest/"
@@ -17,9 +19,19 @@ _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
 def shard_name(input_url: str) -> str:
     """The input shard's file name without its tar suffix: 'raw/shard-000123.tar' -> 'shard-000123'."""
     base = posixpath.basename(input_url.rstrip("/"))
-    name = _TAR_SUFFIX.sub("", base)
-    if not name:
-        raise ValueError(f"input shard URL has no file name: {input_url!r}")
+    try:
+        return check_shard_name(_TAR_SUFFIX.sub("", base))
+    except ValueError as e:
+        raise ValueError(f"input shard {input_url!r}: {e}") from None
+
+
+def check_shard_name(name: str) -> str:
+    """A shard name is one segment of several keys (shards/<name>.tar, locks/shards/<name>/),
+    so it must be one safe path segment on every backend ('.tar' or '...tar' would not be):
+    the tar member rule of storage.names, on a single segment."""
+    problem = "a '/'" if "/" in name else check_member_name(name)
+    if problem:
+        raise ValueError(f"the shard name {name!r} (the file name without .tar) is unsafe: {problem}")
     return name
 
 

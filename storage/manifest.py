@@ -53,6 +53,7 @@ SCHEMA = pa.schema(
         ("encode_s", pa.float32()),
         ("sky_s", pa.float32()),         # the sky model's share (upload of the batch included)
         ("teacher_s", pa.float32()),     # the teacher's share
+        ("notes", pa.string()),          # ok rows: what was dropped from the sample and why (e.g. its input json)
         ("worker", pa.string()),
         ("attempt", pa.int32()),
         ("labeled_at", pa.timestamp("ms", tz="UTC")),

@@ -8,6 +8,7 @@ to Ray actors); network clients are created lazily in the process that uses them
 from __future__ import annotations
 
 import os
+import re
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol, runtime_checkable
@@ -25,6 +26,35 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The object does not exist (also a FileNotFoundError, so generic callers can catch it)."""
+
+
+class InvalidURL(StorageError, ValueError):
+    """A URL no store can open (``s3://`` without a bucket, ``gs://...``): a configuration error
+    like any StorageError for the CLI, and still a ValueError for callers that expect one."""
+
+
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+
+
+def redact(text: str) -> str:
+    """Blank out credentials a server, a library or a URL echoed into a message: the secret
+    AWS variables, the password of an endpoint URL, and the ``user:pass@`` of any URL.
+    Here rather than beside boto3, so the CLI can redact without importing it."""
+    secrets = [os.environ.get(name) for name in _SECRET_VARS]
+    secrets += [_password(os.environ.get(name) or "") for name in _ENDPOINT_VARS]
+    for value in secrets:
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:  # a malformed endpoint: botocore will say so, and the regex still redacts
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,24 +174,33 @@ def is_s3(url: str) -> bool:
     return url[:5].lower() == "s3://"
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """A local path or file:// URL as an absolute path; another scheme is an InvalidURL (it
+    would otherwise become a strange relative path)."""
     if url[:7].lower() == "file://":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"unsupported file URL {url!r}: only local paths (file:///dir)")
+            raise InvalidURL(f"unsupported file URL {url!r}: only local paths (file:///dir)")
         return os.path.abspath(unquote(parts.path))
     if "://" in url:
-        raise ValueError(f"unsupported URL {url!r}: expected s3://bucket/prefix, file:///dir or a path")
+        raise InvalidURL(f"unsupported URL {redact(url)!r}: expected s3://bucket/prefix, file:///dir or a path")
     if not url:
-        raise ValueError("empty storage URL")
+        raise InvalidURL("empty storage URL")
     return os.path.abspath(os.path.expanduser(url))
 
 
 def _split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = url[5:].partition("/")
     if not bucket:
-        raise ValueError(f"invalid S3 URL {url!r}: no bucket")
+        raise InvalidURL(f"invalid S3 URL {url!r}: no bucket (expected s3://bucket/prefix)")
     return bucket, key
+
+
+def _object_key(url: str, key: str) -> str:
+    try:
+        return check_key(key)
+    except ValueError as e:
+        raise InvalidURL(f"{url!r} names no object: {e}") from None
 
 
 def open_store(url: str) -> ObjectStore:
@@ -174,7 +213,7 @@ def open_store(url: str) -> ObjectStore:
         return S3Store(bucket).child(prefix)
     from .local import LocalStore
 
-    return LocalStore(_local_path(url))
+    return LocalStore(local_path(url))
 
 
 def locate(url: str) -> tuple[ObjectStore, str]:
@@ -183,11 +222,11 @@ def locate(url: str) -> tuple[ObjectStore, str]:
         from .s3 import S3Store
 
         bucket, key = _split_s3(url)
-        return S3Store(bucket), check_key(key)
+        return S3Store(bucket), _object_key(url, key)
     from .local import LocalStore
 
     if url.endswith("/"):
-        raise ValueError(f"{url!r} names a directory, not an object")
-    path = _local_path(url)
+        raise InvalidURL(f"{url!r} names a directory, not an object")
+    path = local_path(url)
     parent, name = os.path.split(path)
-    return LocalStore(parent), check_key(name)
+    return LocalStore(parent), _object_key(url, name)

@@ -14,12 +14,11 @@ from collections import Counter
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .objectstore import ObjectNotFound, StorageError
+from .objectstore import ObjectNotFound, StorageError, redact
 
-MAX_ATTEMPTS = 10  # boto3 (adaptive mode) and pyarrow alike
+MAX_ATTEMPTS = 10  # boto3 (adaptive mode) and pyarrow alike; AWS_MAX_ATTEMPTS overrides it for boto3
 MAX_POOL_CONNECTIONS = 32  # threaded uploads would otherwise churn the default pool of 10
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
-_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 _lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
@@ -44,21 +43,14 @@ def client() -> Any:
             session = boto3.session.Session()
             # botocore reads AWS_DEFAULT_REGION itself; AWS_REGION is the newer spelling.
             region = os.environ.get("AWS_REGION") or None
-            retries = {"mode": "adaptive", "max_attempts": MAX_ATTEMPTS}  # fresh: botocore edits it
+            retries = {"mode": "adaptive"}  # a fresh dict: botocore edits it
+            if not os.environ.get("AWS_MAX_ATTEMPTS"):  # the standard variable wins when set
+                retries["max_attempts"] = MAX_ATTEMPTS
             config = Config(retries=retries, max_pool_connections=MAX_POOL_CONNECTIONS)
             s3 = session.client("s3", region_name=region, config=config)
             s3.meta.events.register("before-send.s3", _count_request)
             _clients[key] = s3
         return _clients[key]
-
-
-def redact(text: str) -> str:
-    """Blank out any secret from the environment that a server or library echoed back."""
-    for name in _SECRET_VARS:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
 
 
 def error_code(exc: BaseException) -> tuple[str, int | None]:

@@ -1,123 +1,122 @@
 """WebDataset tar shards: a streaming sample reader and a writer that reports member offsets.
 
-Reading uses webdataset's own tar iteration and grouping, so a shard means here exactly what
-it means to the trainers' loaders. Writing records, for each member, where its data lands in the
-tar and its SHA-256: the manifest is what the writer wrote (random access by ranged read).
+Input tars come from outside, so a member is data, never a path or a promise. The reader walks
+the members itself (storage/tarstream.py, forward only, bounded) rather than through webdataset,
+which drops links, devices and fifos without a trace and reads whatever a header claims (a
+sparse member expands to its full size). It keeps webdataset's key/extension split and
+meta-file rule, so a shard holds the same samples here as in the trainers' loaders. Each key
+yields one dict: its members, or `{"__key__", "__error__"}` when a member is a link, device or
+fifo, sparse, over `max_member_bytes` or unsafely named (storage/names.py); that sample becomes
+an error row and the shard goes on. Damage to the tar itself raises ShardFormatError.
+
+Writing records, for each member, where its data lands in the tar and its SHA-256: the manifest
+is what the writer wrote (random access by ranged read). It writes only regular files, named as
+the reader accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import lzma
+import re
 import tarfile
 import time
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
+
+from storage.names import check_member_name, escape_key, quote_name
+from storage.tarstream import BLOCK, ShardFormatError, tar_members
+
+__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
+           "check_member_name", "escape_key", "iter_tar_samples"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
-BLOCK = tarfile.BLOCKSIZE
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-_FORMAT_ERRORS = (tarfile.TarError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+DEFAULT_MAX_MEMBER_BYTES = 512 * 2**20
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+_NOT_READ = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+             tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
+             tarfile.FIFOTYPE: "a fifo"}
 
 
-class ShardFormatError(ValueError):
-    """The stream is not a readable tar, or a member repeats (names are the sample's identity)."""
+def iter_tar_samples(fileobj: BinaryIO, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """One dict per key, in tar order, read forward only (never seeks, never writes a file).
 
-
-class _Tail(io.RawIOBase):
-    """Passes reads through, remembering the first and last bytes and whether EOF was seen.
-
-    tarfile stops silently when a stream ends exactly between two members, which is how a
-    truncated copy often ends; the last block then is member data, not the zero end-of-archive
-    block, and this lets the reader tell the two apart without seeking.
+    A sample is `{"__key__": key, ext: bytes, ...}` (extensions lowercase, inner dots kept:
+    'disp.png'), or `{"__key__": key, "__error__": reason}` when one of its members is not a
+    regular file, is sparse, is over `max_member_bytes` (never read) or has an unsafe name (the
+    key is then `escape_key`d); its other members are dropped and the shard goes on. Directories,
+    webdataset meta files and names with no key/extension split are skipped, as webdataset does.
+    A broken tar, a repeated member or a key that reappears after others raises ShardFormatError
+    where the damage is; every complete sample before it has been yielded.
     """
-
-    def __init__(self, fileobj: BinaryIO) -> None:
-        super().__init__()
-        self._f, self.head, self.tail, self.eof = fileobj, b"", b"", False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._f.read(len(view))
-        if not data:
-            self.eof = True
-            return 0
-        view[: len(data)] = data
-        if len(self.head) < 8:
-            self.head = (self.head + data)[:8]
-        self.tail = (self.tail + data)[-BLOCK:] if len(data) < BLOCK else data[-BLOCK:]
-        return len(data)
-
-    def __repr__(self) -> str:
-        return "<tar stream>"
-
-    def unterminated(self) -> bool:
-        """EOF reached, uncompressed, and the last block is not the zero end-of-archive block."""
-        compressed = self.head.startswith(_COMPRESSED_MAGIC)
-        return self.eof and not compressed and self.tail != bytes(BLOCK)
+    seen: set[str] = set()
+    sample: _Sample | None = None
+    for info, read in tar_members(fileobj):
+        key, ext = _split(info)
+        if key is None:
+            continue
+        if sample is None or key != sample.key:
+            if sample is not None:
+                yield sample.result()  # complete: its key is over
+            if key in seen:
+                raise ShardFormatError(f"key {quote_name(key)} reappears after other keys (members not grouped)")
+            seen.add(key)
+            sample = _Sample(key)
+        if ext in sample.exts:
+            raise ShardFormatError(f"duplicate member {quote_name(info.name)}")
+        sample.exts.add(ext)
+        if sample.error is None:
+            sample.error = _refusal(info, key, ext, max_member_bytes)
+            if sample.error is None:
+                sample.members[ext] = read()
+            else:
+                sample.members.clear()
+    if sample is not None:
+        yield sample.result()
 
 
-def _checked_files(stream: _Tail) -> Iterator[dict]:
-    """tar_file_iterator's files, refusing repeated names, split keys and a missing end block.
+@dataclass
+class _Sample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    exts: set[str] = field(default_factory=set)
 
-    On damage, the sample being grouped is released first (an empty dict is group_by_keys'
-    end-of-shard marker) when the member that failed is known to start a new key, so every
-    complete sample before the damage reaches the caller and no partial one does.
-    """
-    announced = [""]  # the member tar_file_iterator is about to read
-
-    def announce(name: str) -> bool:  # select_files sees each name before its data is read
-        announced[0] = name
-        return True
-
-    files = tar_file_iterator(stream, select_files=announce)
-    seen_keys: set[str] = set()
-    current, names = None, set()
-    try:
-        for file in files:
-            key, ext = base_plus_ext(file["fname"])
-            if key is not None:
-                if key != current:
-                    if key in seen_keys:
-                        raise ShardFormatError(f"key {key!r} reappears after other keys (members not grouped)")
-                    seen_keys.add(key)
-                    current, names = key, set()
-                if ext.lower() in names:
-                    raise ShardFormatError(f"duplicate member {file['fname']!r}")
-                names.add(ext.lower())
-            file["__url__"] = None  # group_by_keys expects it; dropped from the samples
-            yield file
-    except _FORMAT_ERRORS:
-        if current is not None and base_plus_ext(announced[0])[0] not in (None, current):
-            yield {}
-        raise
-    if stream.unterminated():
-        raise ShardFormatError("truncated tar: the stream ends without the end-of-archive block")
+    def result(self) -> dict:
+        if self.error is None:
+            return {"__key__": self.key, **self.members}
+        return {"__key__": self.key if check_member_name(self.key) is None else escape_key(self.key),
+                "__error__": self.error}
 
 
-def iter_tar_samples(fileobj: BinaryIO) -> Iterator[dict]:
-    """Samples `{"__key__": key, ext: bytes, ...}` in tar order, read forward only (never seeks).
+def _split(info: tarfile.TarInfo) -> tuple[str | None, str]:
+    """(key, lowercase extension), or (None, "") for a member that is no part of a sample."""
+    name = info.name
+    if info.isdir() or _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None, ""
+    key, ext = base_plus_ext(name)
+    return (key, ext.lower()) if key is not None else (None, "")
 
-    Extensions are lowercase and keep inner dots ('disp.png'). A broken tar raises
-    ShardFormatError where the damage is; the complete samples before it have been yielded.
-    """
-    stream = _Tail(fileobj)
-    try:
-        for sample in group_by_keys(_checked_files(stream)):
-            sample.pop("__url__", None)
-            yield sample
-    except ShardFormatError:
-        raise
-    except _FORMAT_ERRORS as e:
-        reason = str(e.args[0]) if e.args else type(e).__name__
-        raise ShardFormatError(f"unreadable tar: {reason.removesuffix(f' @ {stream!r}')}") from e
+
+def _refusal(info: tarfile.TarInfo, key: str, ext: str, limit: int) -> str | None:
+    """Why this member makes its sample an error row, or None to read it."""
+    name = quote_name(info.name)
+    problem = check_member_name(info.name) or check_member_name(key)
+    if problem:
+        return f"member {name} has an unsafe name ({problem})"
+    if not ext or ext.startswith("__"):
+        return f"member {name} has an empty or reserved extension"
+    if info.type in _NOT_READ:
+        return f"member {name} is {_NOT_READ[info.type]}; links, devices and fifos are not read"
+    if not info.isreg():
+        return f"member {name} has tar type {info.type!r}; only regular files are read"
+    if info.issparse() or any(k.startswith("GNU.sparse.") for k in info.pax_headers):
+        return f"member {name} is a sparse file claiming {info.size} bytes; sparse members are not read"
+    if info.size > limit:
+        return f"member {name} is {info.size} bytes, over the {limit}-byte limit; not read"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,12 +182,14 @@ class TarShardWriter:
 
 
 def _check_sample(key: str, members: dict[str, bytes]) -> None:
-    """Names readers would split differently from the writer's intent are refused up front."""
-    base = key.rpartition("/")[2]
-    if not base or "." in base or key.startswith("/"):
-        raise ValueError(f"invalid sample key {key!r}: needs a name without dots")
+    """Names the reader would refuse, or split differently from the writer's intent, are refused up front."""
+    problem = check_member_name(key)
+    if problem or "." in key.rpartition("/")[2]:
+        raise ValueError(f"invalid sample key {key!r}: {problem or 'needs a last segment without dots'}")
     if not members:
         raise ValueError(f"sample {key!r} has no members")
     for ext in members:
-        if not ext or "/" in ext or ext != ext.lower():
-            raise ValueError(f"invalid extension {ext!r} for sample {key!r} (lowercase, no '/')")
+        if not ext or "/" in ext or ext != ext.lower() or ext.startswith("__"):
+            raise ValueError(f"invalid extension {ext!r} for sample {key!r} (lowercase, no '/', no '__' prefix)")
+        if problem := check_member_name(f"{key}.{ext}"):
+            raise ValueError(f"invalid member name {key + '.' + ext!r}: {problem}")

@@ -64,3 +64,13 @@ def test_bench_refuses_bad_arguments(tmp_path):
                          (["--sizes", "big"], "--sizes")):
         p = run("bench", *argv, "--workdir", str(tmp_path), check=2)
         assert needle in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_hostile_reports_both_shards_and_their_ratio(tmp_path):
+    p = run("bench", *TINY, "--images", "6", "--repeats", "1", "--engine-only", "--hostile",
+            "--workdir", str(tmp_path), "--json", check=0)
+    h = json.loads(p.stdout)["hostile"]
+    assert h["ordinary"]["samples_ok"] == 6 and h["ordinary"]["samples_error"] == 0
+    assert h["hostile"]["samples_ok"] == 0 and h["hostile"]["samples_error"] == 6     # every one refused
+    assert h["hostile_over_ordinary"] == pytest.approx(
+        h["hostile"]["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)

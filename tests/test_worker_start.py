@@ -1,0 +1,60 @@
+"""A worker that cannot start ends the job fast and says why (real Ray, real actors): its
+constructor's exception is printed, and after a few start failures in a row the scheduler
+stops with that cause instead of restarting workers until a half-hour timeout."""
+from __future__ import annotations
+
+import ray
+import pytest
+
+from engine.errors import ConfigError, WorkerStartError
+from engine.executor import START_FAILURES, Scheduler
+from engine.worker import LabelActor, WorkerSpec
+from pipelines.models import resolve
+from pipelines.pseudo_label import ShardTask
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0.5)
+class Unloadable:
+    def __init__(self):
+        raise ValueError("model /m is a SegformerForSemanticSegmentation\nnot a depth model")
+
+    def ready(self):
+        return "never"
+
+
+def _run(new_actor, n=2):
+    events, results = [], []
+    scheduler = Scheduler(new_actor, n, max_attempts=3, on_result=results.append,
+                          on_failure=lambda task, errors: results.append(errors), on_event=events.append,
+                          tick_seconds=0.2)
+    with pytest.raises(WorkerStartError) as caught:
+        scheduler.run([ShardTask("/nowhere/a.tar", "a")])
+    return caught.value, events, results, scheduler
+
+
+def test_start_failures_stop_the_job_with_the_cause(local_ray):
+    error, events, results, scheduler = _run(lambda: Unloadable.remote())
+    assert isinstance(error, ConfigError)                        # the CLI's exit 2, one line
+    assert f"{START_FAILURES} failed in a row" in str(error)
+    assert "ValueError: model /m is a SegformerForSemanticSegmentation not a depth model" in str(error)
+    assert "\n" not in str(error)
+    assert all("ValueError: model /m" in e for e in events)      # each failure said why
+    assert 1 <= len(events) < START_FAILURES and not results
+    assert not scheduler.actors                                  # nothing left running
+
+
+def test_the_real_label_actor_refusing_other_weights(local_ray, tiny_models, tmp_path):
+    """The label actor checks that the node sees the weights job.json pinned; a mismatch is a
+    start failure with that reason, not a restart loop."""
+    ref = resolve(tiny_models.teacher)
+    spec = WorkerSpec(output=str(tmp_path / "out"), teacher=tiny_models.teacher, teacher_sha256="0" * 64,
+                      sky=None, sky_sha256=None)
+    error, events, _, _ = _run(lambda: LabelActor.options(num_cpus=0.5).remote(spec))
+    assert f"has weights sha256 {ref.sha256[:12]}, job.json pins 000000000000" in str(error)
