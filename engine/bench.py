@@ -39,6 +39,7 @@ class BenchConfig:
     sizes: list = field(default_factory=lambda: list(DEFAULT_SIZES))
     memory: bool = False
     hostile: bool = False                 # peak worker RSS: a hostile shard beside an ordinary one
+    aspects: list = field(default_factory=list)   # only the teacher's time per image by aspect ratio
     batch_size: int = 8
     workers: int | None = None
     device: str = "auto"
@@ -116,6 +117,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
+    if cfg.aspects:
+        from engine.bench_aspect import aspect_figures
+
+        teacher, _, desc = _models(cfg, root / "models")
+        return {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher)},
+                "aspects": aspect_figures(teacher, cfg.aspects, device=cfg.device, repeats=cfg.repeats)}
     if not cfg.flops:
         _e2e_base(cfg, root, check=True)
     teacher, sky, desc = _models(cfg, root / "models")
@@ -252,6 +259,12 @@ def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dic
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "aspects" in r:
+        print(f"teacher {r['models']['teacher']}, one image at a time:")
+        for a in r["aspects"]:
+            print(f"  aspect {a['aspect']:>5g}:1  input {a['teacher_input']:>10}  {a['tokens']:>6} tokens  "
+                  f"{a['seconds']:.3f} s  ({a['time_vs_first']:.2f}x aspect {r['aspects'][0]['aspect']:g})")
+        return
     if "audit" in r:
         a = r["audit"]
         print(f"audit: {a['audit_seconds']:.1f} s, peak RSS {a['audit_peak_rss_mb']:.0f} MiB for {a['rows']} rows")

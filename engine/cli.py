@@ -119,6 +119,8 @@ def build_parser() -> Parser:
     b.add_argument("--images", type=int, default=64, metavar="N")
     b.add_argument("--sizes", default=None, metavar="WxH,...")
     b.add_argument("--memory", action="store_true", help="also peak worker RSS for N and 10 N image shards")
+    b.add_argument("--aspects", default=None, metavar="R,R,...",
+                   help="only time the teacher on one image per aspect ratio (e.g. 1,2,4,8,16) and exit")
     b.add_argument("--hostile", action="store_true",
                    help="also peak worker RSS for N hostile samples (lying headers, sparse members, 10x10000) beside N photos")
     b.add_argument("--batch-size", type=int, default=8, metavar="N")
@@ -305,12 +307,22 @@ def _demo(args) -> int:
     return run_demo(args.output, as_json=args.json)
 
 
+def _aspects(text: str | None) -> list[float]:
+    try:
+        aspects = [float(a) for a in (text or "").split(",") if a]
+    except ValueError:
+        raise ConfigError(f"--aspects must look like 1,2,4,8, got {text!r}") from None
+    if text and (not aspects or min(aspects) < 1):
+        raise ConfigError(f"--aspects must be ratios >= 1, like 1,2,4,8, got {text!r}")
+    return aspects
+
+
 def _bench(args) -> int:
     from engine.bench import BenchConfig, parse_sizes, print_report, run_bench
 
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
-        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory, hostile=args.hostile,
+        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects),
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
@@ -325,6 +337,28 @@ COMMANDS = {"label": _label, "convert-gt": _label, "evaluate": _evaluate, "statu
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # Run as the program (`python -m engine`, the `depth-engine` script): leave without
+        # interpreter teardown. An Arrow pool thread can still be dropping the last reference to
+        # a numpy-backed buffer (the audit's Acero group_by) when Python finalizes; the buffer's
+        # destructor takes the GIL, CPython then ends that thread with pthread_exit, and the unwind
+        # through a noexcept destructor is std::terminate: exit 134 after complete output. So: do
+        # here what teardown would do that matters (Ray is shut down by the commands that start it;
+        # an attached driver is disconnected here), flush, and _exit. A caller passing argv returns.
+        code = main(sys.argv[1:])
+        try:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - the cluster notices a driver that is gone
+            pass
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):  # a closed pipe: Python's own exit says 120 then
+                code = code or 120
+        os._exit(code)
     # Library chatter (weight-loading bars, backend notices) would bury the progress bar;
     # set before transformers is imported, and inherited by local Ray workers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

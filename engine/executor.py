@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError, RayTaskError, WorkerCrashedError
 
 from engine.errors import JobAborted, WorkerStartError
 from pipelines.pseudo_label import ShardResult, ShardTask
@@ -49,6 +49,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, RayActorError):
         lines = str(exc).strip().splitlines()
         return f"worker died: {lines[0] if lines else type(exc).__name__}"
+    if isinstance(exc, OutOfMemoryError):   # Ray's memory monitor killed the worker
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"worker killed for memory: {first[:300]}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -117,6 +120,10 @@ class Scheduler:
     def _drop(self, actor: _Actor, why: str) -> None:
         if actor in self.actors:
             self.actors.remove(actor)
+            try:
+                ray.kill(actor.handle)      # dead already, or about to be: never left holding its CPUs
+            except Exception:  # noqa: BLE001 - already gone
+                pass
             self.on_event(f"worker {actor.name} lost ({why}); its shards will be retried, starting a replacement")
             self._spawn()
 
@@ -134,10 +141,10 @@ class Scheduler:
         try:
             self.on_result(ray.get(ref))
             return
-        except (RayTaskError, RayActorError) as exc:
+        except RayError as exc:   # raised, died, killed for memory, object lost: all retried
             err = {"attempt": task.attempt, "error": describe(exc), "worker": actor.name,
                    "started": started, "ended": time.time()}
-            if isinstance(exc, RayActorError):
+            if isinstance(exc, (RayActorError, OutOfMemoryError, WorkerCrashedError)):
                 self._drop(actor, err["error"])
         errors = self.errors.setdefault(task.name, [])
         errors.append(err)

@@ -113,13 +113,15 @@ class _Audit:
                 self.flags[kind].add(b["shard"], b["key"], mask)
 
     def _per_shard(self, shard: pa.Array, ok: np.ndarray, sky: np.ndarray) -> None:
-        """Grouped in Arrow: no Python object per row."""
+        """Grouped by dictionary codes and bincount: no Python object per row, and no Arrow pool
+        thread left holding numpy-backed buffers when the process exits (a known abort)."""
         has_sky = ok & np.isfinite(sky)
-        t = pa.table({"shard": shard, "n": np.ones(len(ok), np.int64), "ok": ok.astype(np.int64),
-                      "sky": np.where(has_sky, sky, 0.0), "sky_n": has_sky.astype(np.int64)})
-        g = t.group_by("shard").aggregate([("n", "sum"), ("ok", "sum"), ("sky", "sum"), ("sky_n", "sum")])
-        for name, n, oks, sky_sum, sky_n in zip(*(g.column(c).to_pylist() for c in
-                                                  ("shard", "n_sum", "ok_sum", "sky_sum", "sky_n_sum"))):
+        codes = shard.dictionary_encode()
+        index, size = codes.indices.to_numpy(zero_copy_only=False), len(codes.dictionary)
+        sums = [np.bincount(index, weights=w, minlength=size) for w in
+                (None, ok, np.where(has_sky, sky, 0.0), has_sky)]
+        for name, n, oks, sky_sum, sky_n in zip(codes.dictionary.to_pylist(), *sums):
+            n, oks, sky_n = int(n), int(oks), int(sky_n)
             acc = self.shards.setdefault(name, [0, 0, 0.0, 0])
             acc[0] += n
             acc[1] += oks

@@ -74,3 +74,16 @@ def test_bench_hostile_reports_both_shards_and_their_ratio(tmp_path):
     assert h["hostile"]["samples_ok"] == 0 and h["hostile"]["samples_error"] == 6     # every one refused
     assert h["hostile_over_ordinary"] == pytest.approx(
         h["hostile"]["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)
+
+
+def test_bench_aspects_times_the_teacher_per_ratio(tmp_path):
+    p = run("bench", "--teacher-size", "tiny", "--image-size", "56", "--aspects", "1,2,4", "--repeats", "1",
+            "--workdir", str(tmp_path), "--json", check=0)
+    rows = json.loads(p.stdout)["aspects"]
+    assert [r["aspect"] for r in rows] == [1, 2, 4]
+    assert [r["teacher_input"] for r in rows] == ["56x56", "56x112", "56x224"]     # shorter side at the size
+    assert [r["tokens"] for r in rows] == [16, 32, 64]
+    for r in rows:
+        assert r["seconds"] > 0 and r["time_vs_first"] == pytest.approx(r["seconds"] / rows[0]["seconds"], abs=0.01)
+    bad = run("bench", "--aspects", "0.5,2", "--workdir", str(tmp_path))
+    assert bad.returncode == 2 and "--aspects" in bad.stderr and "Traceback" not in bad.stderr

@@ -58,3 +58,40 @@ def test_the_real_label_actor_refusing_other_weights(local_ray, tiny_models, tmp
                       sky=None, sky_sha256=None)
     error, events, _, _ = _run(lambda: LabelActor.options(num_cpus=0.5).remote(spec))
     assert f"has weights sha256 {ref.sha256[:12]}, job.json pins 000000000000" in str(error)
+
+
+@ray.remote(num_cpus=0.25)
+class Fine:
+    def ready(self):
+        return "fine"
+
+    def run(self, task):
+        return task
+
+    def progress(self):
+        return {}
+
+
+def test_a_worker_killed_for_memory_is_a_retried_attempt(local_ray, monkeypatch):
+    """Ray's memory monitor kills a worker with OutOfMemoryError, which is neither a task error
+    nor an actor error: the attempt is retried on a replacement, never a driver traceback."""
+    from ray.exceptions import OutOfMemoryError
+
+    real_get, killed = ray.get, []
+
+    def get(ref, *args, **kwargs):
+        value = real_get(ref, *args, **kwargs)
+        if isinstance(value, ShardTask) and value.attempt == 1:
+            killed.append(value.name)
+            raise OutOfMemoryError("1 worker(s) were killed due to the node running low on memory.\nadvice")
+        return value
+
+    monkeypatch.setattr(ray, "get", get)
+    events, done, failed = [], [], []
+    scheduler = Scheduler(lambda: Fine.remote(), 1, max_attempts=2, on_result=done.append,
+                          on_failure=lambda task, errors: failed.append(errors), on_event=events.append,
+                          tick_seconds=0.2)
+    scheduler.run([ShardTask("/x/a.tar", "a"), ShardTask("/x/b.tar", "b")])
+    assert sorted(t.name for t in done) == ["a", "b"] and all(t.attempt == 2 for t in done) and not failed
+    assert sorted(killed) == ["a", "b"]                 # every first attempt was killed, then retried
+    assert any("worker killed for memory: 1 worker(s) were killed" in e for e in events)
