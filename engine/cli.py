@@ -11,6 +11,7 @@ import sys
 from engine.config import DEFAULT_SKY, DEFAULT_TEACHER, DTYPES, ConfigError, LabelConfig
 from engine.errors import JobAborted
 from engine.progress import print_summary
+from labelers.normalize import TEACHER_OUTPUTS
 from storage.objectstore import StorageError
 
 
@@ -85,6 +86,12 @@ def _rule(args):
         raise ConfigError(str(e)) from None
 
 
+def _teacher_output_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-output", choices=TEACHER_OUTPUTS, default=None,
+                   help="what the teacher outputs, where its config does not say (DPT): relative "
+                        "disparity or metric depth (default: from the teacher's config)")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="depth-engine", description="Depth Anything pseudo-labels at cluster scale.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -93,6 +100,7 @@ def build_parser() -> Parser:
     _job_arguments(lab)
     lab.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="MODEL",
                      help="hub id, local directory or s3:// prefix (default: %(default)s)")
+    _teacher_output_argument(lab)
 
     gt = sub.add_parser("convert-gt", help="convert labeled shards (image + depth/disparity) into the label format")
     _job_arguments(gt)
@@ -102,6 +110,7 @@ def build_parser() -> Parser:
     ev.add_argument("source", metavar="OUTPUT_OR_INPUT",
                     help="an OUTPUT (its committed shards, stored labels scored too) or an INPUT pattern")
     ev.add_argument("--teacher", required=True, metavar="MODEL", help="hub id, local directory or s3:// prefix")
+    _teacher_output_argument(ev)
     _ground_truth_arguments(ev)
     _resource_arguments(ev)
 
@@ -177,6 +186,7 @@ def _label(args) -> int:
     gt = args.command == "convert-gt"
     config = LabelConfig(
         input=args.input, output=args.output, teacher=None if gt else args.teacher,
+        teacher_output=None if gt else args.teacher_output,
         ground_truth=_rule(args) if gt else None,
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,
@@ -190,7 +200,8 @@ def _label(args) -> int:
 def _evaluate(args) -> int:
     from engine.evaluate import EvalConfig, evaluate, print_report
 
-    config = EvalConfig(source=args.source, teacher=args.teacher, ground_truth=_rule(args),
+    config = EvalConfig(source=args.source, teacher=args.teacher, teacher_output=args.teacher_output,
+                        ground_truth=_rule(args),
                         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
                         max_attempts=args.max_attempts, ray_address=args.ray_address,
                         progress=sys.stderr.isatty() or not args.json)

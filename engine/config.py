@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 from labelers.ground_truth import GroundTruthRule
+from labelers.normalize import TEACHER_OUTPUTS
 from pipelines.decode import SampleLimits
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
@@ -20,6 +21,7 @@ class LabelConfig:
     input: str
     output: str
     teacher: str | None = DEFAULT_TEACHER  # None with ground_truth: `convert-gt`
+    teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
     sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
     ground_truth: GroundTruthRule | None = None   # labels from the samples' own ground truth
     batch_size: int = 8
@@ -45,11 +47,23 @@ class LabelConfig:
             raise ConfigError("OUTPUT is empty")
         if (self.teacher is None) == (self.ground_truth is None):
             raise ConfigError("a job labels with a teacher or converts ground truth, exactly one of them")
+        check_teacher_output(self)
         check_resources(self)
         if self.claim_seconds < 4:
             raise ConfigError(f"the shard claim must be >= 4 s, got {self.claim_seconds}")
         if self.lease_seconds <= 0:
             raise ConfigError(f"the job lease must be > 0 s, got {self.lease_seconds}")
+
+
+def check_teacher_output(config) -> None:
+    """--teacher-output names a kind, and only beside a teacher (label, evaluate)."""
+    if config.teacher_output is None:
+        return
+    if config.teacher_output not in TEACHER_OUTPUTS:
+        raise ConfigError(f"--teacher-output must be one of {', '.join(TEACHER_OUTPUTS)}, "
+                          f"got {config.teacher_output!r}")
+    if config.teacher is None:
+        raise ConfigError("--teacher-output describes a teacher; ground truth has none")
 
 
 def check_resources(config) -> None:

@@ -10,14 +10,14 @@ import time
 from dataclasses import dataclass
 
 from engine import job
-from engine.config import ConfigError, check_resources
+from engine.config import ConfigError, check_resources, check_teacher_output
 from engine.executor import Scheduler
 from engine.inputs import InputError, expand
 from engine.label import actor_layout, start_ray
 from engine.progress import ProgressBar
 from labelers.ground_truth import GroundTruthRule
 from pipelines.evaluate import ShardEvaluation, summarize
-from pipelines.models import DEPTH, ModelSourceError, check_task, resolve
+from pipelines.models import DEPTH, ModelSourceError, check_task, resolve, teacher_output_of
 from pipelines.pseudo_label import ShardTask
 from storage import layout
 from storage.objectstore import StorageError, open_store
@@ -30,6 +30,7 @@ PAPER = {"KITTI": {"abs_rel": 0.076, "delta1": 0.947}, "NYUv2": {"abs_rel": 0.04
 class EvalConfig:
     source: str
     teacher: str
+    teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
     ground_truth: GroundTruthRule = GroundTruthRule()
     batch_size: int = 8
     workers: int | None = None
@@ -41,6 +42,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_teacher_output(self)
         check_resources(self)
 
 
@@ -83,6 +85,7 @@ def evaluate(config: EvalConfig) -> dict:
     try:
         teacher = resolve(config.teacher)
         check_task(teacher, DEPTH)
+        kind = teacher_output_of(teacher, config.teacher_output)
     except ModelSourceError as e:
         raise ConfigError(str(e)) from None
     results: list[ShardEvaluation] = []
@@ -92,7 +95,8 @@ def evaluate(config: EvalConfig) -> dict:
         lay = actor_layout(config)
         n, options, device = lay.actors, lay.options, lay.device
         spec = WorkerSpec(output="", teacher=config.teacher, teacher_sha256=teacher.sha256, sky=None,
-                          sky_sha256=None, ground_truth=config.ground_truth, device=device, dtype=config.dtype,
+                          sky_sha256=None, ground_truth=config.ground_truth, teacher_output=kind,
+                          device=device, dtype=config.dtype,
                           batch_size=config.batch_size, threads=lay.codec_threads, torch_threads=lay.torch_threads)
         bar = ProgressBar(len(source.shards), enabled=config.progress)
 
@@ -120,9 +124,10 @@ def evaluate(config: EvalConfig) -> dict:
     rows = [row for r in sorted(results, key=lambda r: r.name) for row in r.rows]
     return {
         "source": config.source, "source_kind": source.kind, "stored_label": source.label,
-        "teacher": teacher.provenance(), "ground_truth": {"scale": config.ground_truth.scale,
-                                                          "max_depth": config.ground_truth.max_depth},
-        "protocol": "least-squares scale and shift in disparity space over valid pixels; "
+        "teacher": teacher.provenance(), "teacher_output": kind,
+        "ground_truth": {"scale": config.ground_truth.scale, "max_depth": config.ground_truth.max_depth},
+        "protocol": "least-squares scale and shift in disparity space over valid pixels "
+                    "(a depth teacher's output taken as 1/depth); "
                     "AbsRel and delta1 (<1.25) in depth space; means over samples",
         "summary": summarize(rows), "paper": PAPER,
         "shards": {"total": len(source.shards), "evaluated": len(results), "failed": len(failed)},

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from engine.config import ConfigError, LabelConfig
+from labelers.normalize import DISPARITY
 from pipelines.models import ModelRef
 from storage import layout
 from storage.objectstore import ObjectStore
@@ -32,11 +33,14 @@ class JobSpec:
 
     @classmethod
     def build(cls, config: LabelConfig, shards: list[str], teacher: ModelRef | None,
-              sky: ModelRef | None, teacher_input: dict | None) -> "JobSpec":
+              sky: ModelRef | None, teacher_input: dict | None,
+              teacher_output: str | None = None) -> "JobSpec":
         gt = config.ground_truth
         label = {
             "definition": GT_DEFINITION if gt else LABEL_DEFINITION,
             "teacher": teacher.provenance() if teacher else None,
+            # what the teacher's output is ("disparity" | "depth"), hence how labels were made from it
+            **({"teacher_output": teacher_output or DISPARITY} if teacher else {}),
             "sky": sky.provenance() if sky else None,
             "teacher_input": teacher_input,
             **({"ground_truth": {"scale": gt.scale, "max_depth": gt.max_depth}} if gt else {}),
@@ -49,6 +53,7 @@ class JobSpec:
         """What must match for two runs to write into one OUTPUT."""
         model = lambda m: None if m is None else {"sha256": m["sha256"], "source": m["source"]}  # noqa: E731
         return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
+                "teacher_output": teacher_output(self.label),
                 "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"],
                 "ground_truth": self.label.get("ground_truth")}
 
@@ -57,6 +62,14 @@ class JobSpec:
         return {"engine_version": engine_version(), "created": created or now, "updated": now,
                 "input": self.input, "label": self.label, "parameters": self.parameters,
                 "shards": self.shards}
+
+
+def teacher_output(label: dict) -> str | None:
+    """The label's teacher output kind; job.json written before it was recorded held only
+    disparity teachers (the engine then read every output as disparity). None: ground truth."""
+    if not label.get("teacher"):
+        return None
+    return label.get("teacher_output", DISPARITY)
 
 
 def source_kind(doc: dict) -> str:

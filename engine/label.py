@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -20,7 +21,10 @@ from engine.inputs import InputError, expand
 from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
-from pipelines.models import DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label, resolve
+from labelers.normalize import DISPARITY
+from pipelines.models import (
+    DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label, resolve, teacher_output_of,
+)
 from pipelines.pseudo_label import ShardResult, ShardTask
 from storage import layout
 from storage.objectstore import open_store
@@ -64,8 +68,12 @@ def teacher_input(ref: ModelRef) -> dict:
 
     from labelers.teacher import TeacherPreprocess
 
-    pre = TeacherPreprocess.from_processor(AutoImageProcessor.from_pretrained(ref.path))
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()}
+    family = json.loads((Path(ref.path) / "config.json").read_text()).get("model_type")
+    pre = TeacherPreprocess.from_processor(AutoImageProcessor.from_pretrained(ref.path), family=family)
+    geometry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()}
+    if pre.family == "depth_anything":     # as pinned before families existed: old OUTPUTs resume
+        geometry = {k: v for k, v in geometry.items() if k not in ("family", "rule", "pad", "resize_mode")}
+    return geometry
 
 
 def check_sky_model(ref: ModelRef) -> None:
@@ -127,22 +135,24 @@ def label(config: LabelConfig) -> Summary:
     try:
         shards = expand(config.input, exclude=output.url)
         teacher = resolve(config.teacher) if config.teacher else None
+        kind = None
         if teacher:
             check_task(teacher, DEPTH)
+            kind = teacher_output_of(teacher, config.teacher_output)
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
-        spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher) if teacher else None)
+        spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher) if teacher else None, kind)
     except (InputError, ModelSourceError) as e:
         raise ConfigError(str(e)) from None
     with JobLock(output, config.lease_seconds) as lock:
         job.write(output, spec)
         # Writes that no live job owns: a killed attempt's upload, a crashed writer's temp file.
         output.abort_incomplete("", before=lock.acquired_at)
-        return _label_locked(config, output, shards, teacher, sky, lock, t0)
+        return _label_locked(config, output, shards, teacher, sky, lock, t0, kind)
 
 
-def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
+def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> Summary:
     todo = planning.plan(output, shards, retry_failed=config.retry_failed)
     summary = Summary(output=output.url, shards_total=todo.total, shards_skipped=len(todo.committed),
                       shards_failed=0 if config.retry_failed else len(todo.failed),
@@ -156,7 +166,8 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0) -> Summary:
         layout_ = actor_layout(config)
         summary.workers, summary.device = layout_.actors, layout_.device
         wspec = WorkerSpec(output=output.url, teacher=config.teacher,
-                           teacher_sha256=teacher.sha256 if teacher else None, ground_truth=config.ground_truth,
+                           teacher_sha256=teacher.sha256 if teacher else None,
+                           teacher_output=kind or DISPARITY, ground_truth=config.ground_truth,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,
                            torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds,

@@ -35,6 +35,7 @@ class WorkerSpec:
     sky: str | None
     sky_sha256: str | None
     ground_truth: GroundTruthRule | None = None
+    teacher_output: str = "disparity"   # what the teacher outputs, decided on the driver (job.json)
     device: str = "cpu"
     dtype: str = "auto"
     batch_size: int = 8
@@ -68,7 +69,8 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
     if spec.teacher:
         ref = resolve(spec.teacher)
         _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
-        teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher)
+        teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher,
+                               output=spec.teacher_output)
     sky = None
     if spec.sky:
         sref = resolve(spec.sky)

@@ -1,14 +1,20 @@
-"""Per-image disparity normalization, the label definition of SPEC §5.4."""
+"""Per-image disparity normalization, the label definition of SPEC §5.4, and the conversion of
+a teacher's own output (disparity or metric depth) to the disparity that definition is about."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 # hi - lo at or below this share of the magnitude is float noise, not scene structure: dividing
 # by it would blow rounding error up to the full 0..1 range.
 RELATIVE_RANGE_EPS = 1e-6
+
+# What a depth model's predicted_depth holds (job.json's label.teacher_output).
+DISPARITY = "disparity"  # relative disparity: Depth Anything relative checkpoints, MiDaS DPT
+DEPTH = "depth"  # metric depth in metres: Depth Anything metric, ZoeDepth, GLPN
+TEACHER_OUTPUTS = (DISPARITY, DEPTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +25,50 @@ class NormalizedDisparity:
     lo: float  # min raw over V (nan if V is empty)
     hi: float  # max raw over V (nan if V is empty)
     degenerate: bool  # V empty or hi - lo ~ 0: disparity is all 0
+    output_lo: float = float("nan")  # the model's own output over V, in its unit (normalize_output)
+    output_hi: float = float("nan")
+
+
+def to_disparity(raw: np.ndarray, output: str) -> np.ndarray:
+    """A teacher's output as disparity. Depth becomes 1/depth where it is finite and > 0, and NaN
+    elsewhere: such pixels are left out of the normalization like sky, and get d = 0. Without
+    this a metric model's labels come out inverted (near becomes far)."""
+    if output == DISPARITY:
+        return raw
+    if output != DEPTH:
+        raise ValueError(f"teacher output must be one of {TEACHER_OUTPUTS}, got {output!r}")
+    raw = np.asarray(raw)
+    out = np.full(raw.shape, np.nan, dtype=np.float32)
+    ok = np.isfinite(raw) & (raw > 0)
+    with np.errstate(over="ignore"):   # 1/denormal = inf: not finite, so left out too
+        np.divide(1.0, raw, out=out, where=ok)
+    return out
+
+
+def normalize_output(
+    raw: np.ndarray, output: str, sky: np.ndarray | None = None, valid: np.ndarray | None = None
+) -> NormalizedDisparity:
+    """normalize_disparity of the teacher's output turned into disparity; output_lo/hi keep the
+    range of the output itself (metres for depth) over the pixels the label was normalized on."""
+    disparity = to_disparity(raw, output)
+    label = normalize_disparity(disparity, sky, valid)
+    used = np.asarray(raw)[_pixels(disparity, sky, valid)]
+    if not used.size:
+        return label
+    return replace(label, output_lo=float(used.min()), output_hi=float(used.max()))
+
+
+def _pixels(raw: np.ndarray, sky: np.ndarray | None, valid: np.ndarray | None) -> np.ndarray:
+    """V = ~sky & valid & finite(raw), the pixels a label is normalized over."""
+    v = np.isfinite(raw)
+    for name, mask in (("sky", sky), ("valid", valid)):
+        if mask is None:
+            continue
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != raw.shape:
+            raise ValueError(f"{name} mask shape {mask.shape} differs from disparity {raw.shape}")
+        v &= ~mask if name == "sky" else mask
+    return v
 
 
 def normalize_disparity(
@@ -32,15 +82,7 @@ def normalize_disparity(
     raw = np.asarray(raw)
     if raw.ndim != 2:
         raise ValueError(f"raw disparity must be HxW, got shape {raw.shape}")
-    v = np.isfinite(raw)
-    for name, mask in (("sky", sky), ("valid", valid)):
-        if mask is None:
-            continue
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != raw.shape:
-            raise ValueError(f"{name} mask shape {mask.shape} differs from disparity {raw.shape}")
-        v &= ~mask if name == "sky" else mask
-
+    v = _pixels(raw, sky, valid)
     out = np.zeros(raw.shape, dtype=np.float32)
     if not v.any():
         return NormalizedDisparity(out, float("nan"), float("nan"), True)

@@ -2,9 +2,11 @@
 
 The processors resize with PIL one image at a time on the CPU. Here the same steps run as tensor
 ops on the model's device: resize as PIL does (antialiased kernels, two passes through uint8;
-nearest with PIL's exact sampling), rescale, normalize. Sizes come from
-geometry.teacher_input_size, so the official Depth Anything rule applies and no padding ever
-reaches the model.
+nearest with PIL's exact sampling), rescale, normalize. Sizes come from geometry.input_size under
+the spec's `rule`: the official Depth Anything rule for Depth Anything (and, as before, for any
+processor whose family is not given), and each other depth family's own rule (see `FAMILIES`).
+ZoeDepth is the one family whose padding reaches the model (reflect padding, which its
+post-processing removes); DPT-style zero padding that would reach the model is refused.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.geometry import teacher_input_size
+from labelers.geometry import RULES, input_size, zoedepth_padding
 
 # PIL resample codes (PILImageResampling) the engine reproduces; the others have no torch twin.
 RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+# Depth families (config.model_type) whose preprocessing the engine reproduces.
+FAMILIES = ("depth_anything", "dpt", "glpn", "zoedepth")
+PADS = ("none", "zoedepth")  # zoedepth: reflect, int(sqrt(side / 2) * 3) on each side
+RESIZE_MODES = ("pil", "align-corners")  # align-corners: float torch interpolate, as ZoeDepth does
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -38,6 +45,21 @@ def _triple(values) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"expected one value per RGB channel, got {values}")
     return values  # type: ignore[return-value]
+
+
+def family_of_processor(processor) -> str | None:
+    """The depth family a processor class alone names (GLPN, ZoeDepth); None when it is shared
+    (DPTImageProcessor serves both DPT and Depth Anything) or not a depth processor."""
+    name = type(processor).__name__
+    for prefix, family in (("GLPN", "glpn"), ("ZoeDepth", "zoedepth")):
+        if name.startswith(prefix):
+            return family
+    return None
+
+
+def _reflect_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """numpy's 'reflect' padding as an index (any pad, also one longer than the side)."""
+    return torch.from_numpy(np.pad(np.arange(n), pad, mode="reflect")).to(device)
 
 
 def _centres(src: int, dst: int, device: torch.device) -> torch.Tensor:
@@ -66,53 +88,86 @@ def check_image(image: np.ndarray | torch.Tensor) -> None:
 class ImagePreprocess:
     """What a model's processor does to an image before the forward pass."""
 
-    size_h: int
+    size_h: int  # divisor-floor: the size divisor (the smallest side it takes)
     size_w: int
-    multiple: int
+    multiple: int | float  # ZoeDepth's processor default is 1/32
     keep_aspect: bool
     resample: str  # 'bicubic' | 'bilinear' | 'nearest'
     rescale_factor: float | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+    rule: str = ""  # geometry.RULES; "" = lower-bound when keep_aspect, else fixed (the old default)
+    pad: str = "none"  # PADS
+    resize_mode: str = "pil"  # RESIZE_MODES
 
     def __post_init__(self) -> None:
-        if self.size_h < 1 or self.size_w < 1 or self.multiple < 1:
+        if self.size_h < 1 or self.size_w < 1 or not self.multiple > 0:
             raise ValueError(f"bad sizes: {self.size_h}x{self.size_w}, multiple {self.multiple}")
         if self.resample not in RESAMPLE_NAMES.values():
             raise ValueError(f"resample must be nearest, bilinear or bicubic, got {self.resample!r}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std go together")
+        if not self.rule:
+            object.__setattr__(self, "rule", "lower-bound" if self.keep_aspect else "fixed")
+        if self.rule not in RULES or self.pad not in PADS or self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown rule {self.rule!r}, pad {self.pad!r} or resize mode {self.resize_mode!r}")
+        if self.resize_mode == "align-corners" and self.resample == "nearest":
+            raise ValueError("the align-corners resize is bilinear or bicubic")
 
     @classmethod
-    def from_processor(cls, processor) -> "ImagePreprocess":
-        """Read the settings from a loaded image processor (AutoImageProcessor)."""
+    def from_processor(cls, processor, family: str | None = None) -> "ImagePreprocess":
+        """Read the settings from a loaded image processor (AutoImageProcessor).
+
+        family is the model's config.model_type (FAMILIES). Without it the processor class
+        decides where it can (GLPN, ZoeDepth); otherwise Depth Anything's rule applies when the
+        processor keeps the aspect ratio, and each side goes to its size when it does not.
+        """
+        family = family or family_of_processor(processor) or "depth_anything"
+        if family not in FAMILIES:
+            raise ValueError(
+                f"no preprocessing rule for depth models of type {family!r} (supported: {', '.join(FAMILIES)})"
+            )
         if not getattr(processor, "do_resize", True):
             raise ValueError("the image processor does not resize; the engine needs the model's resolution")
-        size_h, size_w = _size_hw(processor.size)
-        multiple = int(getattr(processor, "ensure_multiple_of", None) or 1)
-        if getattr(processor, "do_pad", False) and (getattr(processor, "size_divisor", None) or 1) > 1:
-            divisor = int(processor.size_divisor)
-            if multiple % divisor:
-                raise ValueError(f"the processor pads to multiples of {divisor}, which the model would see")
         code = int(getattr(processor, "resample", 2))
         if code not in RESAMPLE_NAMES:
             raise ValueError(f"unsupported resample filter {code} (supported: nearest, bilinear, bicubic)")
         normalize = bool(getattr(processor, "do_normalize", False))
         rescale = bool(getattr(processor, "do_rescale", False))
-        return cls(
-            size_h=size_h,
-            size_w=size_w,
-            multiple=multiple,
-            keep_aspect=bool(getattr(processor, "keep_aspect_ratio", False)),
+        common = dict(
             resample=RESAMPLE_NAMES[code],
             rescale_factor=float(processor.rescale_factor) if rescale else None,
             mean=_triple(processor.image_mean) if normalize else None,
             std=_triple(processor.image_std) if normalize else None,
         )
+        keep_aspect = bool(getattr(processor, "keep_aspect_ratio", False))
+        if family == "glpn":  # GLPNImageProcessor: each side floored to a multiple of size_divisor
+            divisor = int(getattr(processor, "size_divisor", None) or 32)
+            return cls(divisor, divisor, divisor, False, rule="divisor-floor", **common)
+        size_h, size_w = _size_hw(processor.size)
+        if family == "zoedepth":  # ZoeDepthImageProcessor: pad, then resize with align_corners=True
+            multiple = float(getattr(processor, "ensure_multiple_of", None) or 1)
+            multiple = int(multiple) if multiple.is_integer() else multiple
+            pad = "zoedepth" if getattr(processor, "do_pad", False) else "none"
+            return cls(size_h, size_w, multiple, keep_aspect, rule="dpt", pad=pad, resize_mode="align-corners", **common)
+        multiple = int(getattr(processor, "ensure_multiple_of", None) or 1)
+        if getattr(processor, "do_pad", False) and (getattr(processor, "size_divisor", None) or 1) > 1:
+            divisor = int(processor.size_divisor)
+            if multiple % divisor:
+                raise ValueError(f"the processor pads to multiples of {divisor}, which the model would see")
+        rule = "dpt" if family == "dpt" else ""
+        return cls(size_h, size_w, multiple, keep_aspect, rule=rule, **common)
+
+    def padding(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns added on each side of an image before the resize."""
+        return zoedepth_padding(height, width) if self.pad == "zoedepth" else (0, 0)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the model sees for an image of this size."""
-        return teacher_input_size(height, width, self.size_h, self.size_w, self.multiple, self.keep_aspect)
+        pad_h, pad_w = self.padding(height, width)
+        return input_size(
+            self.rule, height + 2 * pad_h, width + 2 * pad_w, self.size_h, self.size_w, self.multiple, self.keep_aspect
+        )
 
     def batches(
         self, images: Sequence[np.ndarray | torch.Tensor], device: torch.device
@@ -131,7 +186,16 @@ class ImagePreprocess:
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # torch wants writable memory
         x = image.to(device).permute(2, 0, 1)[None].float()
-        if tuple(x.shape[-2:]) != tuple(size):
+        pad_h, pad_w = self.padding(*x.shape[-2:])
+        if pad_h or pad_w:
+            rows = _reflect_index(x.shape[-2], pad_h, x.device)
+            cols = _reflect_index(x.shape[-1], pad_w, x.device)
+            x = x[..., rows[:, None], cols[None, :]]
+        if self.resize_mode == "align-corners":
+            # ZoeDepth resizes the float image with torch, align_corners=True and no antialiasing
+            # (always, even to the same size); rescaling first or after is the same linear map.
+            x = F.interpolate(x, size=tuple(size), mode=self.resample, align_corners=True)
+        elif tuple(x.shape[-2:]) != tuple(size):
             x = self._resize(x, size)
         if self.rescale_factor is not None:
             x = x * self.rescale_factor

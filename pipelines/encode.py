@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from labelers.normalize import NormalizedDisparity, normalize_disparity
+from labelers.normalize import NormalizedDisparity, normalize_disparity, normalize_output
 from pipelines.sample import Sample
 
 # zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.
@@ -110,11 +110,15 @@ def error_row(sample: Sample, models: dict) -> Encoded:
 
 
 def encode(sample: Sample, models: dict) -> Encoded:
-    """Stage 4: normalize (SPEC §5.4) and encode. ``models`` = {"teacher": ..., "sky_model": ...}."""
+    """Stage 4: normalize (SPEC §5.4) and encode. ``models`` = {"teacher": ..., "teacher_output":
+    ..., "sky_model": ...}; a teacher's raw output is turned into disparity as teacher_output says."""
     if not sample.ok:
         return error_row(sample, models)
     t0 = time.perf_counter()
-    label = normalize_disparity(sample.raw, sample.sky, sample.valid)
+    kind = models.get("teacher_output")
+    label = (normalize_disparity(sample.raw, sample.sky, sample.valid) if kind is None
+             else normalize_output(sample.raw, kind, sample.sky, sample.valid))
+    output_range = {"output_min": _finite(label.output_lo), "output_max": _finite(label.output_hi)}
     height, width = sample.height, sample.width
     sky_fraction = None if sample.sky is None else float(sample.sky.mean())
     valid = label_mask(sample)
@@ -125,7 +129,7 @@ def encode(sample: Sample, models: dict) -> Encoded:
     p05, p50, p95 = percentiles(label, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
-        **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi),
+        **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi), **output_range,
         "degenerate": label.degenerate, "sky_fraction": sky_fraction,
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras, sample.notes),
@@ -145,7 +149,7 @@ def encode(sample: Sample, models: dict) -> Encoded:
     row = {
         "key": sample.key, "source": sample.source, "status": "ok", "error": None,
         "width": width, "height": height, "sky_fraction": sky_fraction,
-        "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **models,
+        "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **output_range, **models,
         "valid_fraction": valid_fraction, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
         "decode_s": sample.timings.get("decode"), "sky_s": sample.timings.get("sky"),
         "teacher_s": sample.timings.get("teacher"), "model_s": _model_seconds(sample.timings),

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from labelers.ground_truth import GroundTruth, GroundTruthError, GroundTruthRule, decode_ground_truth
+from labelers.normalize import DISPARITY, to_disparity
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import decode, sample_from_members
 from pipelines.metrics import SampleMetrics, evaluate_disparity, mean_metrics
@@ -100,13 +101,15 @@ def _row(task: ShardTask, item: _Item, teacher: SampleMetrics | None, label: Sam
 def evaluate_shard(task: ShardTask, teacher, rule: GroundTruthRule = GroundTruthRule(), *,
                    batch_size: int = 8, threads: int = 4, worker: str = "",
                    progress: Progress | None = None) -> ShardEvaluation:
-    """Score ``teacher`` (anything with ``predict`` and ``target_size``, as labelers.teacher.Teacher)
-    on every sample of one shard that has ground truth. Raises on a shard-level failure."""
+    """Score ``teacher`` (anything with ``predict`` and ``target_size``, as labelers.teacher.Teacher;
+    its ``output``, disparity by default, says how to read the prediction) on every sample of one
+    shard that has ground truth. Raises on a shard-level failure."""
     t0 = time.perf_counter()
     progress = progress or Progress()
     result = ShardEvaluation(task.name, task.source, worker=worker, attempt=task.attempt)
     store, key = locate(task.source)
     done: dict[int, dict] = {}
+    kind = getattr(teacher, "output", DISPARITY)   # a metric teacher is scored on 1/depth
 
     def finish(i: int, item: _Item, teacher_m: SampleMetrics | None, label_m: SampleMetrics | None) -> None:
         done[i] = _row(task, item, teacher_m, label_m)
@@ -115,7 +118,7 @@ def evaluate_shard(task: ShardTask, teacher, rule: GroundTruthRule = GroundTruth
 
     def score(batch: list[tuple[int, _Item]]) -> None:
         m0 = time.perf_counter()
-        preds = teacher.predict([item.sample.image for _, item in batch])
+        preds = [to_disparity(p, kind) for p in teacher.predict([item.sample.image for _, item in batch])]
         seconds = time.perf_counter() - m0
         result.model_seconds += seconds
         progress.model_seconds += seconds

@@ -19,6 +19,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from labelers.normalize import DEPTH as OUTPUT_DEPTH
+from labelers.normalize import DISPARITY as OUTPUT_DISPARITY
+from labelers.normalize import TEACHER_OUTPUTS
 from storage.names import check_member_name
 from storage.objectstore import is_s3, open_store
 
@@ -96,6 +99,54 @@ def check_task(ref: ModelRef, task: str) -> None:
         what = f"a {arch} (model_type {model_type!r})" if arch else f"a {model_type!r} model"
         raise ModelSourceError(f"model {ref.source!r} is {what}, not a {task} model: expected one "
                                f"that {_AUTO_CLASS[task]} loads")
+
+
+# What predicted_depth holds, per model_type of AutoModelForDepthEstimation (transformers 5).
+# depth_anything says it in its config (teacher_output); the others are fixed, undecided, or
+# not monocular depth at all.
+_KNOWN_OUTPUT = {"glpn": OUTPUT_DEPTH, "zoedepth": OUTPUT_DEPTH}
+_NOT_DEPTH = {
+    "chmv2": "a canopy-height model, not monocular depth",
+    "prompt_depth_anything": "needs a prompt depth map as a second input, which depth-engine does not give",
+}
+_UNDECIDED = {
+    "dpt": "its config does not say what it outputs (MiDaS DPT: disparity; the KITTI/NYU fine-tunes: "
+           "metric depth)",
+    "depth_pro": "Depth Pro outputs inverse depth with a field of view; not supported yet",
+}
+
+
+def teacher_output(config: dict, override: str | None = None, *, name: str = "MODEL") -> str:
+    """What the teacher's predicted_depth holds, OUTPUT_DISPARITY or OUTPUT_DEPTH, from its
+    config.json (``override``: --teacher-output). Decided once, on the driver, and pinned in
+    job.json: taking metric depth for disparity inverts every label of the job, silently.
+
+    Depth Anything: depth_estimation_type "relative" (or absent: the relative checkpoints predate
+    the field) is disparity, "metric" depth; GLPN and ZoeDepth output depth. Where the config does
+    not say (DPT, unknown types), ``override`` must; it may never contradict a known kind."""
+    if override is not None and override not in TEACHER_OUTPUTS:
+        raise ModelSourceError(f"--teacher-output must be one of {', '.join(TEACHER_OUTPUTS)}, got {override!r}")
+    model_type = config.get("model_type")
+    if model_type in _NOT_DEPTH:
+        raise ModelSourceError(f"teacher {name} is a {model_type!r} model: {_NOT_DEPTH[model_type]}")
+    known, why = _KNOWN_OUTPUT.get(model_type), f"model_type {model_type!r}"
+    if model_type == "depth_anything":
+        kind = config.get("depth_estimation_type", "relative")
+        known = {"relative": OUTPUT_DISPARITY, "metric": OUTPUT_DEPTH}.get(kind)
+        why = f"depth_estimation_type {kind!r}"
+    if known and override and override != known:
+        raise ModelSourceError(f"teacher {name} outputs {known} ({why}); --teacher-output {override} "
+                               "would invert its labels")
+    if known or override:
+        return known or override
+    reason = _UNDECIDED.get(model_type, f"depth-engine does not know what a {why} model outputs")
+    raise ModelSourceError(f"teacher {name}: {reason}; pass --teacher-output disparity or "
+                           "--teacher-output depth to say which")
+
+
+def teacher_output_of(ref: ModelRef, override: str | None = None) -> str:
+    """teacher_output of a resolved model (its config.json; no weights loaded)."""
+    return teacher_output(_read_json(Path(ref.path) / "config.json"), override, name=ref.source)
 
 
 def check_no_remote_code(ref: ModelRef) -> None:

@@ -55,7 +55,10 @@ class Labelers:
 
     @property
     def names(self) -> dict:
+        """What every row and sample json says of the models; ``teacher_output`` also tells
+        encode how to read the raw output (None: ground truth, already disparity)."""
         return {"teacher": self.teacher.name if self.teacher else GROUND_TRUTH,
+                "teacher_output": self.teacher.output if self.teacher else None,
                 "sky_model": self.sky.name if self.sky else "none"}
 
     @property

@@ -57,6 +57,9 @@ SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("attempt", pa.int32()),
         ("labeled_at", pa.timestamp("ms", tz="UTC")),
+        ("teacher_output", pa.string()),  # what the teacher outputs: "disparity" | "depth"; null for gt
+        ("output_min", pa.float32()),    # range of the teacher's own output (its unit: metres for
+        ("output_max", pa.float32()),    # depth) over the normalized pixels; null for gt
     ],
     metadata={b"depth_engine.manifest_version": MANIFEST_VERSION.encode()},
 )
