@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import math
 
+# Depth families (config.model_type) whose own preprocessing the engine reproduces.
+FAMILIES = ("depth_anything", "dpt", "glpn", "zoedepth")
+
 
 def constrain_to_multiple(x: float, multiple: int, min_val: int = 0) -> int:
     """Round x to a multiple; round up instead when rounding would fall below min_val."""

@@ -19,13 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.geometry import RULES, input_size, zoedepth_padding
+from labelers.geometry import FAMILIES, RULES, input_size, zoedepth_padding
 
 # PIL resample codes (PILImageResampling) the engine reproduces; the others have no torch twin.
 RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
-# Depth families (config.model_type) whose preprocessing the engine reproduces.
-FAMILIES = ("depth_anything", "dpt", "glpn", "zoedepth")
 PADS = ("none", "zoedepth")  # zoedepth: reflect, int(sqrt(side / 2) * 3) on each side
 RESIZE_MODES = ("pil", "align-corners")  # align-corners: float torch interpolate, as ZoeDepth does
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from labelers.geometry import FAMILIES
 from labelers.normalize import DEPTH as OUTPUT_DEPTH
 from labelers.normalize import DISPARITY as OUTPUT_DISPARITY
 from labelers.normalize import TEACHER_OUTPUTS
@@ -112,8 +113,8 @@ _NOT_DEPTH = {
 _UNDECIDED = {
     "dpt": "its config does not say what it outputs (MiDaS DPT: disparity; the KITTI/NYU fine-tunes: "
            "metric depth)",
-    "depth_pro": "Depth Pro outputs inverse depth with a field of view; not supported yet",
 }
+_NO_GEOMETRY = {"depth_pro": "Depth Pro outputs inverse depth with a field of view; not supported yet"}
 
 
 def teacher_output(config: dict, override: str | None = None, *, name: str = "MODEL") -> str:
@@ -129,6 +130,10 @@ def teacher_output(config: dict, override: str | None = None, *, name: str = "MO
     model_type = config.get("model_type")
     if model_type in _NOT_DEPTH:
         raise ModelSourceError(f"teacher {name} is a {model_type!r} model: {_NOT_DEPTH[model_type]}")
+    if model_type not in FAMILIES:   # the workers could not reproduce its preprocessing: refuse here
+        why = _NO_GEOMETRY.get(model_type, "depth-engine has no preprocessing rule for this family yet")
+        raise ModelSourceError(f"teacher {name} is a {model_type!r} model: {why} "
+                               f"(supported: {', '.join(FAMILIES)})")
     known, why = _KNOWN_OUTPUT.get(model_type), f"model_type {model_type!r}"
     if model_type == "depth_anything":
         kind = config.get("depth_estimation_type", "relative")

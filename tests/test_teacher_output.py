@@ -179,7 +179,7 @@ def test_job_pins_the_kind_and_a_rerun_with_another_is_refused(tmp_path, teacher
 
 REFUSALS = {
     "dpt": ({}, None, "--teacher-output"),
-    "depth_pro": ({"model_type": "depth_pro", "architectures": ["DepthProForDepthEstimation"]}, None,
+    "depth_pro": ({"model_type": "depth_pro", "architectures": ["DepthProForDepthEstimation"]}, "depth",
                   "Depth Pro outputs inverse depth with a field of view; not supported yet"),
     "chmv2": ({"model_type": "chmv2", "architectures": ["CHMv2ForDepthEstimation"]}, "depth", "canopy-height"),
     "prompt": ({"model_type": "prompt_depth_anything", "architectures": ["PromptDepthAnythingForDepthEstimation"]},
@@ -214,8 +214,8 @@ def test_refusals_exit_2_with_one_line_before_any_work(tmp_path, teachers, case)
     ({"model_type": "glpn"}, None, DEPTH),
     ({"model_type": "dpt"}, "disparity", DISPARITY),
     ({"model_type": "dpt"}, "depth", DEPTH),
-    ({"model_type": "depth_pro"}, "disparity", DISPARITY),
-    ({"model_type": "tipsv2_dpt"}, "depth", DEPTH),
+    ({"model_type": "depth_pro"}, "disparity", None),          # the workers could not preprocess it
+    ({"model_type": "tipsv2_dpt"}, "depth", None),
     ({"model_type": "dpt"}, None, None),
     ({"model_type": "tipsv2_dpt"}, None, None),
     ({"model_type": "depth_anything", "depth_estimation_type": "other"}, None, None),
