@@ -101,6 +101,9 @@ def build_parser() -> Parser:
     lab.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="MODEL",
                      help="hub id, local directory or s3:// prefix (default: %(default)s)")
     _teacher_output_argument(lab)
+    lab.add_argument("--keep-depth", action="store_true",
+                     help="a metric-depth teacher: also keep its metres as <key>.depth.png "
+                          "(16-bit, metres x 256, 0 = none: the KITTI convention)")
 
     gt = sub.add_parser("convert-gt", help="convert labeled shards (image + depth/disparity) into the label format")
     _job_arguments(gt)
@@ -186,7 +189,7 @@ def _label(args) -> int:
     gt = args.command == "convert-gt"
     config = LabelConfig(
         input=args.input, output=args.output, teacher=None if gt else args.teacher,
-        teacher_output=None if gt else args.teacher_output,
+        teacher_output=None if gt else args.teacher_output, keep_depth=getattr(args, "keep_depth", False),
         ground_truth=_rule(args) if gt else None,
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,

@@ -22,6 +22,7 @@ class LabelConfig:
     output: str
     teacher: str | None = DEFAULT_TEACHER  # None with ground_truth: `convert-gt`
     teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
+    keep_depth: bool = False               # also keep a depth teacher's metres (depth.png)
     sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
     ground_truth: GroundTruthRule | None = None   # labels from the samples' own ground truth
     batch_size: int = 8
@@ -48,6 +49,8 @@ class LabelConfig:
         if (self.teacher is None) == (self.ground_truth is None):
             raise ConfigError("a job labels with a teacher or converts ground truth, exactly one of them")
         check_teacher_output(self)
+        if self.keep_depth and self.teacher is None:
+            raise ConfigError("--keep-depth keeps a teacher's depth; ground truth carries its own member")
         check_resources(self)
         if self.claim_seconds < 4:
             raise ConfigError(f"the shard claim must be >= 4 s, got {self.claim_seconds}")

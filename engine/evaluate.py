@@ -62,6 +62,9 @@ def source_shards(spec: str) -> Source:
         except (ValueError, StorageError):
             doc = None
         if doc is not None:
+            if doc.get("label", {}).get("keep_depth"):
+                raise ConfigError(f"{store.url} holds the teacher's own metric depth as depth.png (--keep-depth), "
+                                  "not ground truth: evaluate the labeled INPUT or a convert-gt OUTPUT instead")
             names = sorted(layout.listed_names(store, layout.MANIFEST, ".parquet"))
             if not names:
                 raise ConfigError(f"{store.url} is an OUTPUT with no committed shard yet")

@@ -41,6 +41,8 @@ class JobSpec:
             "teacher": teacher.provenance() if teacher else None,
             # what the teacher's output is ("disparity" | "depth"), hence how labels were made from it
             **({"teacher_output": teacher_output or DISPARITY} if teacher else {}),
+            # whether samples carry the teacher's metres as depth.png (--keep-depth)
+            **({"keep_depth": config.keep_depth} if teacher else {}),
             "sky": sky.provenance() if sky else None,
             "teacher_input": teacher_input,
             **({"ground_truth": {"scale": gt.scale, "max_depth": gt.max_depth}} if gt else {}),
@@ -54,6 +56,7 @@ class JobSpec:
         model = lambda m: None if m is None else {"sha256": m["sha256"], "source": m["source"]}  # noqa: E731
         return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
                 "teacher_output": teacher_output(self.label),
+                "keep_depth": bool(self.label.get("keep_depth", False)),   # absent: from before it existed
                 "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"],
                 "ground_truth": self.label.get("ground_truth")}
 

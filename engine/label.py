@@ -21,7 +21,7 @@ from engine.inputs import InputError, expand
 from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
-from labelers.normalize import DISPARITY
+from labelers.normalize import DEPTH as DEPTH_OUTPUT, DISPARITY
 from pipelines.models import (
     DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label, resolve, teacher_output_of,
 )
@@ -139,6 +139,8 @@ def label(config: LabelConfig) -> Summary:
         if teacher:
             check_task(teacher, DEPTH)
             kind = teacher_output_of(teacher, config.teacher_output)
+            if config.keep_depth and kind != DEPTH_OUTPUT:
+                raise ConfigError("--keep-depth needs a teacher that outputs metric depth")
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
@@ -167,7 +169,8 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> 
         summary.workers, summary.device = layout_.actors, layout_.device
         wspec = WorkerSpec(output=output.url, teacher=config.teacher,
                            teacher_sha256=teacher.sha256 if teacher else None,
-                           teacher_output=kind or DISPARITY, ground_truth=config.ground_truth,
+                           teacher_output=kind or DISPARITY, keep_depth=config.keep_depth,
+                           ground_truth=config.ground_truth,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,
                            torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds,

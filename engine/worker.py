@@ -36,6 +36,7 @@ class WorkerSpec:
     sky_sha256: str | None
     ground_truth: GroundTruthRule | None = None
     teacher_output: str = "disparity"   # what the teacher outputs, decided on the driver (job.json)
+    keep_depth: bool = False            # a depth teacher's metres kept as depth.png (job.json)
     device: str = "cpu"
     dtype: str = "auto"
     batch_size: int = 8
@@ -76,7 +77,7 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
         sref = resolve(spec.sky)
         _check_same_weights(spec.sky, sref.sha256, spec.sky_sha256)
         sky = SkySegmenter.load(sref.path, device=str(device), dtype=spec.dtype, name=spec.sky)
-    return Labelers(teacher, sky, spec.ground_truth)
+    return Labelers(teacher, sky, spec.ground_truth, keep_depth=spec.keep_depth)
 
 
 class _Worker:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from labelers.normalize import NormalizedDisparity, normalize_disparity, normalize_output
+from labelers.normalize import DEPTH, NormalizedDisparity, normalize_disparity, normalize_output
 from pipelines.sample import Sample
 
 # zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.
@@ -32,6 +32,48 @@ def disparity_png(d: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(u16).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
+
+
+# depth.png (--keep-depth): the KITTI convention, so existing tools read it.
+DEPTH_MEMBER = "depth.png"
+DEPTH_SCALE = 256.0          # stored value = round(metres * 256); 0 = no depth
+DEPTH_MAX_VALUE = 65535      # the largest value; depth beyond 256 m is stored as 0 (no depth)
+
+
+def depth_png(depth: np.ndarray, sky: np.ndarray | None = None) -> bytes:
+    """Metric depth as a 16-bit grayscale PNG, value = round(metres * 256), 0 = no depth.
+
+    0 on sky, on non-finite or <= 0 depth, and beyond 256 m (a value clipped to 65535 would read
+    as a real, wrong distance). Within 1/256 m everywhere else: a depth in (255.996, 256] m is
+    stored as 65535, a positive depth under 1/512 m as 1, not as "no depth"."""
+    depth = np.asarray(depth, dtype=np.float64)
+    ok = np.isfinite(depth) & (depth > 0)
+    if sky is not None:
+        ok &= ~np.asarray(sky, dtype=bool)
+    value = np.rint(np.where(ok, depth, 0.0) * DEPTH_SCALE)
+    ok &= value <= DEPTH_MAX_VALUE + 1
+    u16 = np.where(ok, np.clip(value, 1, DEPTH_MAX_VALUE), 0).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(u16).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def read_depth_png(data: bytes) -> np.ndarray:
+    """depth.png -> float32 metres HxW, 0 where there is no depth (the file's own convention;
+    mask with ``depth > 0``)."""
+    with Image.open(io.BytesIO(data)) as im:
+        value = np.asarray(im)
+    if value.ndim != 2 or value.dtype.kind not in "iu":
+        raise ValueError(f"depth.png must be single-channel 16-bit, got {value.dtype} {value.shape}")
+    return (value.astype(np.float32) / np.float32(DEPTH_SCALE)).astype(np.float32)
+
+
+def depth_png_in_metres(label: dict) -> bool:
+    """Whether an OUTPUT's ``depth.png`` members hold metres x 256, from job.json's ``label``: the
+    engine wrote them (``keep_depth``), or a ``convert-gt`` carried an input's ``depth.png``
+    through under ``--gt-scale 256`` (the same convention, as stored: no --max-depth, no sky)."""
+    ground_truth = label.get("ground_truth") or {}
+    return bool(label.get("keep_depth")) or ground_truth.get("scale") == DEPTH_SCALE
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -109,9 +151,10 @@ def error_row(sample: Sample, models: dict) -> Encoded:
     })
 
 
-def encode(sample: Sample, models: dict) -> Encoded:
+def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     """Stage 4: normalize (SPEC §5.4) and encode. ``models`` = {"teacher": ..., "teacher_output":
-    ..., "sky_model": ...}; a teacher's raw output is turned into disparity as teacher_output says."""
+    ..., "sky_model": ...}; a teacher's raw output is turned into disparity as teacher_output says.
+    ``keep_depth``: a depth teacher's metres are kept too, as ``depth.png`` (depth_png)."""
     if not sample.ok:
         return error_row(sample, models)
     t0 = time.perf_counter()
@@ -139,6 +182,12 @@ def encode(sample: Sample, models: dict) -> Encoded:
         members["sky.png"] = mask_png(sample.sky)
     if valid is not None:
         members["valid.png"] = mask_png(valid)
+    if keep_depth:
+        if kind != DEPTH:
+            raise ValueError(f"keep_depth needs a teacher that outputs {DEPTH}, got {kind!r}")
+        members[DEPTH_MEMBER] = depth_png(sample.raw, sample.sky)
+        if DEPTH_MEMBER in sample.extras:
+            sample.notes.append(f"input {DEPTH_MEMBER} replaced by the teacher's depth (--keep-depth)")
     if sample.notes:
         meta["notes"] = list(sample.notes)
     members["json"] = json.dumps(meta, sort_keys=True, allow_nan=False).encode()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
+from labelers.normalize import DEPTH
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.commit import ClaimPolicy, commit_shard
@@ -39,15 +40,19 @@ GROUND_TRUTH = "ground-truth"   # the manifest's `teacher` of a ground-truth con
 @dataclass(frozen=True)
 class Labelers:
     """What labels the samples of one worker: a teacher, or the samples' own ground truth
-    (``ground_truth`` set, ``teacher`` None); and the sky model, if any."""
+    (``ground_truth`` set, ``teacher`` None); and the sky model, if any. ``keep_depth``: a
+    metric teacher's depth is kept as a member too (``depth.png``, pipelines.encode)."""
 
     teacher: Teacher | None
     sky: SkySegmenter | None = None
     ground_truth: GroundTruthRule | None = None
+    keep_depth: bool = False
 
     def __post_init__(self):
         if (self.teacher is None) == (self.ground_truth is None):
             raise ValueError("label with a teacher or with ground truth, exactly one of them")
+        if self.keep_depth and getattr(self.teacher, "output", None) != DEPTH:
+            raise ValueError("keep_depth needs a teacher that outputs metric depth")
 
     @property
     def source_kind(self) -> str:
@@ -180,7 +185,7 @@ def label_shard(
 
         def finish(sample: Sample) -> Encoded:   # encode, then free the arrays and their pixels
             try:
-                return encode(sample, models)
+                return encode(sample, models, labelers.keep_depth)
             finally:
                 sample.image = sample.raw = sample.sky = sample.valid = None
                 budget.release(sample.held)

@@ -2,7 +2,9 @@
 
 What the loader relies on is SPEC §2-4 and docs/MANIFEST.md, nothing of the engine: the manifest
 says which samples exist and which pass a filter, and each shard tar holds exactly its ok rows
-(`<key>.<image ext>`, `<key>.disp.png`, optional `<key>.sky.png` and `<key>.valid.png`).
+(`<key>.<image ext>`, `<key>.disp.png`, optional `<key>.sky.png` and `<key>.valid.png`, and
+`<key>.depth.png` in metres x 256 where job.json says so: `label --keep-depth`, or a
+`convert-gt --gt-scale 256` that carried the input's `depth.png`).
 
 The unit of work is a shard, streamed front to back once, so a trainer reads each byte of the
 OUTPUT once per epoch and never seeks. An epoch is a permutation of all shards, split by rank
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 
 from pipelines.decode import decode_image
+from pipelines.encode import DEPTH_MEMBER, depth_png_in_metres, read_depth_png
 from storage import layout
 from storage.manifest import dataset
 from storage.objectstore import open_store
@@ -178,6 +182,16 @@ def training_transform(image: np.ndarray, disparity: np.ndarray, valid: np.ndarr
     The RNG is drawn in a fixed order (row offset, column offset, flip), so equal RNGs give
     equal samples.
     """
+    out = transform_sample(image, disparity, valid, sky, crop, rng, flip)
+    return out["image"], out["disparity"], out["valid"], out["sky"]
+
+
+def transform_sample(image: np.ndarray, disparity: np.ndarray, valid: np.ndarray | None,
+                     sky: np.ndarray | None, crop: int, rng: np.random.Generator, flip: bool = True,
+                     depth: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """training_transform as a dict, plus `depth` (metres, 0 = none) when given: the same
+    window, resized nearest (bilinear would blend a depth edge, or a pixel without depth, into
+    distances that are nowhere in the scene)."""
     h, w = disparity.shape
     if image.shape != (h, w, 3) or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
@@ -199,7 +213,12 @@ def training_transform(image: np.ndarray, disparity: np.ndarray, valid: np.ndarr
     disp = geometry(np.ascontiguousarray(disparity, np.float32), Image.Resampling.BILINEAR)
     masks = [geometry(m.astype(np.uint8), Image.Resampling.NEAREST).astype(bool) for m in (valid, sky)]
     rgb = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-    return rgb, np.clip(disp, 0.0, 1.0), masks[0], masks[1]
+    out = {"image": rgb, "disparity": np.clip(disp, 0.0, 1.0), "valid": masks[0], "sky": masks[1]}
+    if depth is not None:
+        if depth.shape != (h, w):
+            raise ValueError(f"depth must be {(h, w)}, got {depth.shape}")
+        out["depth"] = geometry(np.ascontiguousarray(depth, np.float32), Image.Resampling.NEAREST)
+    return out
 
 
 # -- the dataset ----------------------------------------------------------------------------------
@@ -208,6 +227,8 @@ class DepthShards(torch.utils.data.IterableDataset):
     """Samples of one rank's shards for one epoch: dicts of image float32 (3, C, C) in [0, 1],
     disparity float32 (C, C) in [0, 1], valid and sky bool (C, C), and the sample's identity:
     key, shard, output (URL), worker and num_workers (the DataLoader worker that read it).
+    Where the sample has `depth.png` in metres x 256 (`_has_metric_depth`), also `depth`
+    float32 (C, C) in metres, 0 where there is none (mask with `depth > 0`), same window.
 
     Split: all shards (sorted by output index, then shard name) are permuted with (seed, epoch),
     dealt round-robin to ranks, then each rank's list round-robin to its DataLoader workers.
@@ -234,6 +255,7 @@ class DepthShards(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.config, self.rank, self.world_size = config, rank, world_size
         self.plans = plan_shards(config)
+        self.depth = [_has_metric_depth(url) for url in config.outputs]   # per OUTPUT: yield `depth`?
         self.fingerprint = _stable_int(*(f"{p.output}/{p.shard}/{p.count}" for p in self.plans))
         self.epoch = 0
         self._consumed: Counter = Counter()
@@ -320,15 +342,28 @@ class DepthShards(torch.utils.data.IterableDataset):
                 if seen <= skip:
                     continue
                 image, disparity, valid, sky = decode_sample(sample)
+                depth = None
+                if self.depth[plan.output] and DEPTH_MEMBER in sample:
+                    depth = read_depth_png(sample[DEPTH_MEMBER])
+                    if depth.shape != disparity.shape:
+                        raise ValueError(f"sample {key!r}: depth.png is {depth.shape}, the label {disparity.shape}")
                 rng = sample_rng(cfg.seed, self.epoch, plan.output, plan.shard, key)
-                image, disparity, valid, sky = training_transform(
-                    image, disparity, valid, sky, cfg.crop, rng, cfg.flip)
-                yield {"image": torch.from_numpy(image), "disparity": torch.from_numpy(disparity),
-                       "valid": torch.from_numpy(valid), "sky": torch.from_numpy(sky),
+                arrays = transform_sample(image, disparity, valid, sky, cfg.crop, rng, cfg.flip, depth)
+                yield {**{name: torch.from_numpy(a) for name, a in arrays.items()},
                        "key": key, "shard": plan.shard, "output": url}
         if seen != plan.count:
             raise ValueError(f"{store.url_of(layout.SHARDS + plan.shard)}: the manifest lists {plan.count} samples to "
                              f"train on, the tar holds {seen} of them (check it with `depth-engine verify`)")
+
+
+def _has_metric_depth(url: str) -> bool:
+    """Whether this OUTPUT's `depth.png` members are metres x 256 (job.json says; an OUTPUT
+    without job.json, or whose depth.png is in another unit, yields no `depth`)."""
+    try:
+        doc = json.loads(open_store(url).get(layout.JOB))
+    except FileNotFoundError:
+        return False
+    return depth_png_in_metres(doc.get("label") or {})
 
 
 # -- mixing labeled and pseudo-labeled samples (PAPER.md step 4) --------------------------------
