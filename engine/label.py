@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -21,9 +20,9 @@ from engine.inputs import InputError, expand
 from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
-from labelers.normalize import DEPTH as DEPTH_OUTPUT, DISPARITY
 from pipelines.models import (
-    DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label, resolve, teacher_output_of,
+    DEPTH, OUTPUT_DEPTH, OUTPUT_DISPARITY, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label,
+    model_config, resolve, teacher_output_of,
 )
 from pipelines.pseudo_label import ShardResult, ShardTask
 from storage import layout
@@ -68,7 +67,7 @@ def teacher_input(ref: ModelRef) -> dict:
 
     from labelers.teacher import TeacherPreprocess
 
-    family = json.loads((Path(ref.path) / "config.json").read_text()).get("model_type")
+    family = model_config(ref).get("model_type")
     pre = TeacherPreprocess.from_processor(AutoImageProcessor.from_pretrained(ref.path), family=family)
     geometry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()}
     if pre.family == "depth_anything":     # as pinned before families existed: old OUTPUTs resume
@@ -139,7 +138,7 @@ def label(config: LabelConfig) -> Summary:
         if teacher:
             check_task(teacher, DEPTH)
             kind = teacher_output_of(teacher, config.teacher_output)
-            if config.keep_depth and kind != DEPTH_OUTPUT:
+            if config.keep_depth and kind != OUTPUT_DEPTH:
                 raise ConfigError("--keep-depth needs a teacher that outputs metric depth")
         sky = resolve(config.sky) if config.sky else None
         if sky:
@@ -169,7 +168,7 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> 
         summary.workers, summary.device = layout_.actors, layout_.device
         wspec = WorkerSpec(output=output.url, teacher=config.teacher,
                            teacher_sha256=teacher.sha256 if teacher else None,
-                           teacher_output=kind or DISPARITY, keep_depth=config.keep_depth,
+                           teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
                            ground_truth=config.ground_truth,
                            sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
                            dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,

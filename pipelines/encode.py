@@ -125,19 +125,20 @@ def carried_metadata(extras: dict[str, bytes], notes: list[str] | None = None) -
         return {}
     notes = [] if notes is None else notes
     non_finite = []
+    too_deep = f"input json dropped: nested deeper than {MAX_INPUT_JSON_DEPTH} levels"
     if len(raw) > MAX_INPUT_JSON_BYTES:
         notes.append(f"input json dropped: {len(raw)} bytes exceeds {MAX_INPUT_JSON_BYTES}")
         return {}
     try:
         value = json.loads(raw, parse_constant=lambda c: non_finite.append(c))
-    except RecursionError:
-        notes.append(f"input json dropped: nested deeper than {MAX_INPUT_JSON_DEPTH} levels")
+    except RecursionError:    # the parser's own limit (about 1,000 levels) came first
+        notes.append(too_deep)
         return {}
     except (ValueError, UnicodeDecodeError) as e:
         notes.append(f"input json dropped: not valid JSON ({str(e)[:120]})")
         return {}
     if _depth(value) > MAX_INPUT_JSON_DEPTH:
-        notes.append(f"input json dropped: nested deeper than {MAX_INPUT_JSON_DEPTH} levels")
+        notes.append(too_deep)
         return {}
     if non_finite:
         notes.append(f"input json: {len(non_finite)} NaN/Infinity value(s) written as null")

@@ -79,8 +79,13 @@ def resolve(source: str, *, local_only: bool = False) -> ModelRef:
     )
 
 
+def model_config(ref: ModelRef) -> dict:
+    """The model's config.json (the driver decides from it; no weights are loaded)."""
+    return _read_json(Path(ref.path) / "config.json")
+
+
 def id2label(ref: ModelRef) -> dict:
-    return _read_json(Path(ref.path) / "config.json").get("id2label") or {}
+    return model_config(ref).get("id2label") or {}
 
 
 def check_task(ref: ModelRef, task: str) -> None:
@@ -90,7 +95,7 @@ def check_task(ref: ModelRef, task: str) -> None:
     from transformers.models.auto import modeling_auto
 
     check_no_remote_code(ref)
-    config = _read_json(Path(ref.path) / "config.json")
+    config = model_config(ref)
     mapping = {DEPTH: modeling_auto.MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES,
                SEGMENTATION: modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES}[task]
     model_type, arch = config.get("model_type"), (config.get("architectures") or [None])[0]
@@ -151,7 +156,7 @@ def teacher_output(config: dict, override: str | None = None, *, name: str = "MO
 
 def teacher_output_of(ref: ModelRef, override: str | None = None) -> str:
     """teacher_output of a resolved model (its config.json; no weights loaded)."""
-    return teacher_output(_read_json(Path(ref.path) / "config.json"), override, name=ref.source)
+    return teacher_output(model_config(ref), override, name=ref.source)
 
 
 def check_no_remote_code(ref: ModelRef) -> None:

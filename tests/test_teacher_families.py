@@ -61,38 +61,37 @@ def _beit(image_size: int):
     )
 
 
-def _dpt_vit():
-    """Intel/dpt-large's layout: a plain ViT DPT (square inputs only), 384x384, no aspect kept."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
+def _dpt(config, keep_aspect: bool, multiple: int):
+    """A random DPTForDepthEstimation of ``config`` and its PIL processor at 384."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessorPil
 
-    config = DPTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=384,
-        patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 16, 16], fusion_hidden_size=16,
-    )
     model = DPTForDepthEstimation(config)
     _kaiming([*model.neck.modules(), *model.head.modules()])
     processor = DPTImageProcessorPil(
-        size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1, resample=3,
+        size={"height": 384, "width": 384}, keep_aspect_ratio=keep_aspect, ensure_multiple_of=multiple, resample=3,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
     return model, processor
+
+
+def _dpt_vit():
+    """Intel/dpt-large's layout: a plain ViT DPT (square inputs only), 384x384, no aspect kept."""
+    from transformers import DPTConfig
+
+    return _dpt(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=384,
+        patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 16, 16], fusion_hidden_size=16,
+    ), keep_aspect=False, multiple=1)
 
 
 def _dpt_beit():
     """Intel/dpt-beit's layout: DPT on a BEiT backbone, aspect kept, sides multiples of 32."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
+    from transformers import DPTConfig
 
-    config = DPTConfig(
+    return _dpt(DPTConfig(
         backbone_config=_beit(384), neck_hidden_sizes=[8, 16, 16, 16], fusion_hidden_size=16,
         reassemble_hidden_size=32, is_hybrid=False,
-    )
-    model = DPTForDepthEstimation(config)
-    _kaiming([*model.neck.modules(), *model.head.modules()])
-    processor = DPTImageProcessorPil(
-        size={"height": 384, "width": 384}, keep_aspect_ratio=True, ensure_multiple_of=32, resample=3,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    )
-    return model, processor
+    ), keep_aspect=True, multiple=32)
 
 
 def _glpn():
