@@ -89,7 +89,7 @@ def _rule(args):
 def _teacher_output_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-output", choices=TEACHER_OUTPUTS, default=None,
                    help="what the teacher outputs, where its config does not say (DPT): relative "
-                        "disparity or metric depth (default: from the teacher's config)")
+                        "disparity, metric depth, or metric inverse depth (default: from the teacher's config)")
 
 
 def build_parser() -> Parser:
@@ -99,10 +99,11 @@ def build_parser() -> Parser:
     lab = sub.add_parser("label", help="label input shards into OUTPUT (resumes when rerun)")
     _job_arguments(lab)
     lab.add_argument("--teacher", default=DEFAULT_TEACHER, metavar="MODEL",
-                     help="hub id, local directory or s3:// prefix (default: %(default)s)")
+                     help="hub id, local directory or s3:// prefix, or plugin:NAME[:ARG] for a teacher "
+                          "plugin (default: %(default)s)")
     _teacher_output_argument(lab)
     lab.add_argument("--keep-depth", action="store_true",
-                     help="a metric-depth teacher: also keep its metres as <key>.depth.png "
+                     help="a metric teacher: also keep its metres as <key>.depth.png "
                           "(16-bit, metres x 256, 0 = none: the KITTI convention)")
 
     gt = sub.add_parser("convert-gt", help="convert labeled shards (image + depth/disparity) into the label format")
@@ -257,6 +258,9 @@ def print_audit(r: dict) -> None:
         kinds = ", ".join(f"{n} {k}" for k, n in r["source_kind"].items())
         v = r["valid_fraction"]
         print(f"samples by source: {kinds}; valid fraction of ground truth: mean {v['mean']:.3f}, min {v['min']:.3f}")
+    conf = r["confidence"]
+    if conf["count"]:
+        print(f"teacher confidence (conf_mean): mean {conf['mean']:.3f}, p50 {conf['p50']:.3f}, min {conf['min']:.3f}")
     sky, rng = r["sky_fraction"], r["disparity"]["raw_range"]
     if sky["count"]:
         print(f"sky fraction: mean {sky['mean']:.3f}, p50 {sky['p50']:.3f}, p95 {sky['p95']:.3f}")

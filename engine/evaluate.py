@@ -13,11 +13,12 @@ from engine import job
 from engine.config import ConfigError, check_resources, check_teacher_output
 from engine.executor import Scheduler
 from engine.inputs import InputError, expand
-from engine.label import actor_layout, start_ray
+from engine.label import actor_layout, resolve_teacher, start_ray
 from engine.progress import ProgressBar
 from labelers.ground_truth import GroundTruthRule
 from pipelines.evaluate import ShardEvaluation, summarize
-from pipelines.models import DEPTH, ModelSourceError, check_task, resolve, teacher_output_of
+from labelers.plugins import PluginError
+from pipelines.models import ModelSourceError
 from pipelines.pseudo_label import ShardTask
 from storage import layout
 from storage.objectstore import StorageError, open_store
@@ -86,10 +87,8 @@ def evaluate(config: EvalConfig) -> dict:
     t0 = time.time()
     source = source_shards(config.source)
     try:
-        teacher = resolve(config.teacher)
-        check_task(teacher, DEPTH)
-        kind = teacher_output_of(teacher, config.teacher_output)
-    except ModelSourceError as e:
+        teacher, kind = resolve_teacher(config.teacher, config.teacher_output)
+    except (ModelSourceError, PluginError) as e:
         raise ConfigError(str(e)) from None
     results: list[ShardEvaluation] = []
     failed: dict[str, str] = {}

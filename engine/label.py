@@ -16,12 +16,15 @@ import ray
 from engine import job, plan as planning
 from engine.config import ConfigError, LabelConfig
 from engine.executor import Scheduler
-from engine.inputs import InputError, expand
+from engine.inputs import expand
 from engine.lock import JobLock
 from engine.progress import ProgressBar
 from engine.worker import LabelActor, WorkerSpec
+from labelers.normalize import METRIC_OUTPUTS
+from labelers.plugins import PluginError, PluginRef, is_plugin
+from labelers.plugins import find as find_plugin
 from pipelines.models import (
-    DEPTH, OUTPUT_DEPTH, OUTPUT_DISPARITY, SEGMENTATION, ModelRef, ModelSourceError, check_task, id2label,
+    DEPTH, OUTPUT_DISPARITY, SEGMENTATION, ModelRef, check_task, id2label,
     model_config, resolve, teacher_output_of,
 )
 from pipelines.pseudo_label import ShardResult, ShardTask
@@ -58,17 +61,33 @@ class Summary:
         return {**asdict(self), "exit_code": self.exit_code}
 
 
-def teacher_input(ref: ModelRef) -> dict:
-    """The teacher's input geometry from its own processor config (pinned in job.json)."""
+def resolve_teacher(source: str, override: str | None = None) -> tuple[ModelRef | PluginRef, str]:
+    """The teacher a job names (a transformers model, or ``plugin:NAME[:ARG]``) and what it
+    outputs, decided on the driver from its config or the plugin's class (job.json pins both)."""
+    if is_plugin(source):
+        ref = find_plugin(source)
+        if override is not None and override != ref.output:
+            raise PluginError(f"teacher {source} outputs {ref.output}; --teacher-output {override} contradicts it")
+        return ref, ref.output
+    ref = resolve(source)
+    check_task(ref, DEPTH)
+    return ref, teacher_output_of(ref, override)
+
+
+def teacher_input(ref: ModelRef | PluginRef) -> dict | None:
+    """The teacher's input geometry from its own processor config (pinned in job.json); a
+    plugin's is its own (None)."""
+    if isinstance(ref, PluginRef):
+        return None
     import transformers
-    from transformers import AutoImageProcessor
 
     transformers.logging.set_verbosity_error()
 
+    from labelers.loading import load_image_processor
     from labelers.teacher import TeacherPreprocess
 
     family = model_config(ref).get("model_type")
-    pre = TeacherPreprocess.from_processor(AutoImageProcessor.from_pretrained(ref.path), family=family)
+    pre = TeacherPreprocess.from_processor(load_image_processor(ref.path, family=family), family=family)
     geometry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()}
     if pre.family == "depth_anything":     # as pinned before families existed: old OUTPUTs resume
         geometry = {k: v for k, v in geometry.items() if k not in ("family", "rule", "pad", "resize_mode")}
@@ -133,18 +152,15 @@ def label(config: LabelConfig) -> Summary:
     output = open_store(config.output)
     try:
         shards = expand(config.input, exclude=output.url)
-        teacher = resolve(config.teacher) if config.teacher else None
-        kind = None
+        teacher, kind = resolve_teacher(config.teacher, config.teacher_output) if config.teacher else (None, None)
         if teacher:
-            check_task(teacher, DEPTH)
-            kind = teacher_output_of(teacher, config.teacher_output)
-            if config.keep_depth and kind != OUTPUT_DEPTH:
-                raise ConfigError("--keep-depth needs a teacher that outputs metric depth")
+            if config.keep_depth and kind not in METRIC_OUTPUTS:
+                raise ConfigError(f"--keep-depth needs a teacher that outputs metric depth; {config.teacher} outputs {kind}")
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
         spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher) if teacher else None, kind)
-    except (InputError, ModelSourceError) as e:
+    except ValueError as e:   # InputError, ModelSourceError, PluginError, a processor config refused
         raise ConfigError(str(e)) from None
     with JobLock(output, config.lease_seconds) as lock:
         job.write(output, spec)

@@ -15,7 +15,9 @@ from typing import Callable, TypeVar
 import ray
 
 from labelers.devices import GpuSampler
+from labelers import plugins
 from labelers.ground_truth import GroundTruthRule
+from labelers.plugins import is_plugin
 from pipelines.commit import ClaimPolicy
 from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
@@ -67,7 +69,12 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
         torch.set_num_threads(spec.torch_threads)
     device = resolve_device(spec.device)
     teacher = None
-    if spec.teacher:
+    if is_plugin(spec.teacher):
+        teacher = plugins.load(spec.teacher, device=str(device), dtype=spec.dtype, sha256=spec.teacher_sha256)
+        if teacher.output != spec.teacher_output:
+            raise RuntimeError(f"teacher {spec.teacher} on {socket.gethostname()} outputs {teacher.output}, "
+                               f"job.json pins {spec.teacher_output}: the node has another version")
+    elif spec.teacher:
         ref = resolve(spec.teacher)
         _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
         teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher,

@@ -9,8 +9,9 @@ size here and resizes itself.
 
 The other families follow their own processors, so that a label equals what transformers'
 depth-estimation pipeline gives for that model: DPT and ZoeDepth scale "as little as possible"
-(rule "dpt"), GLPN floors each side to a multiple of its size_divisor ("divisor-floor"), and
-ZoeDepth first reflect-pads the image (zoedepth_padding).
+(rule "dpt"), GLPN floors each side to a multiple of its size_divisor ("divisor-floor"),
+ZoeDepth first reflect-pads the image (zoedepth_padding), and Depth Pro takes every image at its
+one fixed size ("fixed", aspect not kept).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 
 # Depth families (config.model_type) whose own preprocessing the engine reproduces.
-FAMILIES = ("depth_anything", "dpt", "glpn", "zoedepth")
+FAMILIES = ("depth_anything", "dpt", "glpn", "zoedepth", "depth_pro")
 
 
 def constrain_to_multiple(x: float, multiple: int, min_val: int = 0) -> int:

@@ -22,10 +22,23 @@ def _refuse(source: str) -> NoSafetensorsError:
     )
 
 
+def load_image_processor(source: str, *, revision: str | None = None, family: str | None = None):
+    """The model's image processor; for Depth Pro (``family``, its config.model_type) its saved
+    settings (DepthProSettings) instead: DepthProImageProcessor needs torchvision, which the engine
+    does without, and the engine runs the processor's steps itself anyway."""
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    from labelers.preprocess import DepthProSettings
+
+    if family == "depth_pro":
+        saved, _ = ImageProcessingMixin.get_image_processor_dict(source, revision=revision)
+        return DepthProSettings.from_dict(saved)
+    return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+
+
 def load_pretrained(auto_model, source: str, *, revision: str | None, device: torch.device):
     """(fp32 model in eval mode on device, image processor) for a local folder or a hub id."""
-    from transformers import AutoImageProcessor
-
     path = Path(source)
     # What from_pretrained(use_safetensors=True) looks for; any other *.safetensors is not loaded.
     if path.is_dir() and not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
@@ -37,7 +50,7 @@ def load_pretrained(auto_model, source: str, *, revision: str | None, device: to
         if "safetensors" in message and ("does not appear to have" in message or "no file named" in message):
             raise _refuse(source) from err
         raise
-    processor = AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+    processor = load_image_processor(source, revision=revision, family=model.config.model_type)
     # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
     return model.float().eval().to(device), processor
 

@@ -11,10 +11,12 @@ import numpy as np
 # by it would blow rounding error up to the full 0..1 range.
 RELATIVE_RANGE_EPS = 1e-6
 
-# What a depth model's predicted_depth holds (job.json's label.teacher_output).
+# What a teacher's raw output holds (job.json's label.teacher_output).
 DISPARITY = "disparity"  # relative disparity: Depth Anything relative checkpoints, MiDaS DPT
 DEPTH = "depth"  # metric depth in metres: Depth Anything metric, ZoeDepth, GLPN
-TEACHER_OUTPUTS = (DISPARITY, DEPTH)
+INVERSE_DEPTH = "inverse_depth"  # metric inverse depth in 1/m: Depth Pro with its field of view
+TEACHER_OUTPUTS = (DISPARITY, DEPTH, INVERSE_DEPTH)
+METRIC_OUTPUTS = (DEPTH, INVERSE_DEPTH)  # the kinds that give metres (--keep-depth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +34,29 @@ class NormalizedDisparity:
 def to_disparity(raw: np.ndarray, output: str) -> np.ndarray:
     """A teacher's output as disparity. Depth becomes 1/depth where it is finite and > 0, and NaN
     elsewhere: such pixels are left out of the normalization like sky, and get d = 0. Without
-    this a metric model's labels come out inverted (near becomes far)."""
+    this a metric model's labels come out inverted (near becomes far). Metric inverse depth is
+    disparity already; its pixels that are not finite and > 0 are left out the same way."""
     if output == DISPARITY:
         return raw
-    if output != DEPTH:
+    if output not in TEACHER_OUTPUTS:
         raise ValueError(f"teacher output must be one of {TEACHER_OUTPUTS}, got {output!r}")
+    return _reciprocal(raw) if output == DEPTH else _positive(raw)
+
+
+def to_depth(raw: np.ndarray, output: str) -> np.ndarray:
+    """A metric teacher's output in metres (NaN where it has none): what --keep-depth keeps."""
+    if output not in METRIC_OUTPUTS:
+        raise ValueError(f"only a metric teacher ({', '.join(METRIC_OUTPUTS)}) gives metres, got {output!r}")
+    return _positive(raw) if output == DEPTH else _reciprocal(raw)
+
+
+def _positive(raw: np.ndarray) -> np.ndarray:
+    raw = np.asarray(raw)
+    return np.where(np.isfinite(raw) & (raw > 0), raw, np.nan).astype(np.float32)
+
+
+def _reciprocal(raw: np.ndarray) -> np.ndarray:
+    """1/raw where raw is finite and > 0, NaN elsewhere."""
     raw = np.asarray(raw)
     out = np.full(raw.shape, np.nan, dtype=np.float32)
     ok = np.isfinite(raw) & (raw > 0)
@@ -49,7 +69,8 @@ def normalize_output(
     raw: np.ndarray, output: str, sky: np.ndarray | None = None, valid: np.ndarray | None = None
 ) -> NormalizedDisparity:
     """normalize_disparity of the teacher's output turned into disparity; output_lo/hi keep the
-    range of the output itself (metres for depth) over the pixels the label was normalized on."""
+    range of the output itself (metres for depth, 1/m for inverse depth) over the pixels the
+    label was normalized on."""
     disparity = to_disparity(raw, output)
     label = normalize_disparity(disparity, sky, valid)
     used = np.asarray(raw)[_pixels(disparity, sky, valid)]

@@ -7,13 +7,17 @@ the spec's `rule`: the official Depth Anything rule for Depth Anything (and, as 
 processor whose family is not given), and each other depth family's own rule (see `FAMILIES`).
 ZoeDepth is the one family whose padding reaches the model (reflect padding, which its
 post-processing removes); DPT-style zero padding that would reach the model is refused.
+
+Depth Pro's processor needs torchvision, which the engine does without: its saved settings are
+read into DepthProSettings, and its steps (a float resize without antialiasing to a fixed size,
+float_resize) run here like the others'.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,7 +29,43 @@ from labelers.geometry import FAMILIES, RULES, input_size, zoedepth_padding
 RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 PADS = ("none", "zoedepth")  # zoedepth: reflect, int(sqrt(side / 2) * 3) on each side
-RESIZE_MODES = ("pil", "align-corners")  # align-corners: float torch interpolate, as ZoeDepth does
+# align-corners: float torch interpolate, as ZoeDepth does; float: float_resize, as Depth Pro does
+RESIZE_MODES = ("pil", "align-corners", "float")
+
+
+def float_resize(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """torchvision's resize of a float NCHW tensor without antialiasing, as transformers'
+    torchvision processors run it (Depth Pro's input and its post-processing): F.interpolate with
+    align_corners False; PIL's nearest code maps to torchvision's NEAREST_EXACT."""
+    if resample == "nearest":
+        return F.interpolate(x, size=tuple(size), mode="nearest-exact")
+    return F.interpolate(x, size=tuple(size), mode=resample, align_corners=False, antialias=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DepthProSettings:
+    """DepthProImageProcessor's settings, as its preprocessor_config.json saves them; the defaults
+    are the class's. The class needs torchvision and cannot be built here, so the engine reads
+    this instead; ImagePreprocess.from_processor reads it like a loaded processor."""
+
+    size: Mapping = field(default_factory=lambda: {"height": 1536, "width": 1536})
+    resample: int = 2  # PILImageResampling.BILINEAR
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, saved: Mapping) -> "DepthProSettings":
+        """The settings of a saved preprocessor_config.json; keys it lacks keep the defaults. One
+        that names another processor class is refused: its steps would be another's."""
+        kind = str(saved.get("image_processor_type") or "DepthProImageProcessor")
+        if kind.removesuffix("Fast") != "DepthProImageProcessor":
+            raise ValueError(f"a depth_pro model's preprocessor_config.json names {kind}; "
+                             "expected DepthProImageProcessor")
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if saved.get(f.name) is not None})
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -46,10 +86,10 @@ def _triple(values) -> tuple[float, float, float]:
 
 
 def family_of_processor(processor) -> str | None:
-    """The depth family a processor class alone names (GLPN, ZoeDepth); None when it is shared
+    """The depth family a processor class alone names (GLPN, ZoeDepth, Depth Pro); None when it is shared
     (DPTImageProcessor serves both DPT and Depth Anything) or not a depth processor."""
     name = type(processor).__name__
-    for prefix, family in (("GLPN", "glpn"), ("ZoeDepth", "zoedepth")):
+    for prefix, family in (("GLPN", "glpn"), ("ZoeDepth", "zoedepth"), ("DepthPro", "depth_pro")):
         if name.startswith(prefix):
             return family
     return None
@@ -114,11 +154,11 @@ class ImagePreprocess:
 
     @classmethod
     def from_processor(cls, processor, family: str | None = None) -> "ImagePreprocess":
-        """Read the settings from a loaded image processor (AutoImageProcessor).
+        """Read the settings from a loaded image processor (AutoImageProcessor) or DepthProSettings.
 
         family is the model's config.model_type (FAMILIES). Without it the processor class
-        decides where it can (GLPN, ZoeDepth); otherwise Depth Anything's rule applies when the
-        processor keeps the aspect ratio, and each side goes to its size when it does not.
+        decides where it can (GLPN, ZoeDepth, Depth Pro); otherwise Depth Anything's rule applies
+        when the processor keeps the aspect ratio, and each side goes to its size when it does not.
         """
         family = family or family_of_processor(processor) or "depth_anything"
         if family not in FAMILIES:
@@ -143,6 +183,11 @@ class ImagePreprocess:
             divisor = int(getattr(processor, "size_divisor", None) or 32)
             return cls(divisor, divisor, divisor, False, rule="divisor-floor", **common)
         size_h, size_w = _size_hw(processor.size)
+        if family == "depth_pro":  # DepthProImageProcessor: rescale, normalize, float resize to its size
+            if family_of_processor(processor) != "depth_pro":
+                raise ValueError(f"a depth_pro model needs its Depth Pro processor settings (DepthProSettings), "
+                                 f"got {type(processor).__name__}")
+            return cls(size_h, size_w, 1, False, rule="fixed", resize_mode="float", **common)
         if family == "zoedepth":  # ZoeDepthImageProcessor: pad, then resize with align_corners=True
             multiple = float(getattr(processor, "ensure_multiple_of", None) or 1)
             multiple = int(multiple) if multiple.is_integer() else multiple
@@ -193,6 +238,10 @@ class ImagePreprocess:
             # ZoeDepth resizes the float image with torch, align_corners=True and no antialiasing
             # (always, even to the same size); rescaling first or after is the same linear map.
             x = F.interpolate(x, size=tuple(size), mode=self.resample, align_corners=True)
+        elif self.resize_mode == "float":
+            # Depth Pro rescales and normalizes first, then resizes the float image; both are
+            # linear per channel, so the order changes float noise only.
+            x = float_resize(x, size, self.resample)
         elif tuple(x.shape[-2:]) != tuple(size):
             x = self._resize(x, size)
         if self.rescale_factor is not None:

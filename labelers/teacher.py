@@ -1,5 +1,5 @@
-"""The depth teacher: its raw output (relative disparity, or metric depth) for a batch of images
-(SPEC §5.1-5.2)."""
+"""The depth teacher: its raw output (relative disparity, metric depth, or Depth Pro's metric
+inverse depth and field of view) for a batch of images (SPEC §5.1-5.2)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,29 @@ import torch.nn.functional as F
 from labelers.devices import autocast
 from labelers.loading import load_for_inference
 from labelers.normalize import DISPARITY
-from labelers.preprocess import ImagePreprocess, family_of_processor
+from labelers.prediction import Prediction
+from labelers.preprocess import ImagePreprocess, family_of_processor, float_resize
 
 # How each family's post_process_depth_estimation brings the output back to the image size.
 # Depth Anything keeps the official code's bilinear resize (SPEC §5.4), not its processor's bicubic.
+# Depth Pro's resizes with its processor's resample (depth_pro_inverse_depth).
 UPSAMPLE = {"depth_anything": "bilinear", "dpt": "bicubic", "glpn": "bicubic", "zoedepth": "bicubic"}
+# Depth Pro's post-processing clamps its inverse depth here (1/m with a field of view): 0.1 mm to 10 km.
+INVERSE_DEPTH_RANGE = (1e-4, 1e4)
+
+
+def depth_pro_inverse_depth(
+    depth: torch.Tensor, height: int, width: int, fov_deg: torch.Tensor | None, resample: str
+) -> torch.Tensor:
+    """DepthProImageProcessor.post_process_depth_estimation short of its last step (depth = 1 /
+    this): the canonical inverse depth times W / focal, the focal length in pixels its field of
+    view gives at the image's width, makes it 1/m; then the resize, and the clamp. Without a field
+    of view it stays canonical: relative, not metric."""
+    if fov_deg is not None:
+        focal = 0.5 * width / torch.tan(0.5 * torch.deg2rad(fov_deg))
+        depth = depth * width / focal
+    full = float_resize(depth[None, None], (height, width), resample)[0, 0]
+    return full.clamp(*INVERSE_DEPTH_RANGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +52,14 @@ class TeacherPreprocess(ImagePreprocess):
         spec = ImagePreprocess.from_processor.__func__(cls, processor, family)
         return dataclasses.replace(spec, family=family)
 
-    def restore(self, depth: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def restore(
+        self, depth: torch.Tensor, height: int, width: int, fov_deg: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One output map (h x w) back at the image's size, as the family's post-processing does:
-        ZoeDepth resizes to the padded image and cuts the padding off; the others just resize."""
+        ZoeDepth resizes to the padded image and cuts the padding off; Depth Pro scales by its
+        field of view (``fov_deg``, degrees, float32), resizes and clamps; the others just resize."""
+        if self.family == "depth_pro":
+            return depth_pro_inverse_depth(depth, height, width, fov_deg, self.resample)
         pad_h, pad_w = self.padding(height, width)
         full = F.interpolate(
             depth[None, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode=UPSAMPLE[self.family],
@@ -54,7 +77,7 @@ class Teacher:
     device: torch.device
     dtype: torch.dtype
     model: torch.nn.Module
-    output: str = DISPARITY  # what predicted_depth holds: DISPARITY or DEPTH (normalize.to_disparity)
+    output: str = DISPARITY  # what predict's raw maps hold: normalize.TEACHER_OUTPUTS (to_disparity)
 
     @classmethod
     def load(
@@ -80,22 +103,29 @@ class Teacher:
         """The (height, width) the teacher sees for an image of this size."""
         return self.preprocess.target_size(height, width)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The model's own output (float32 HxW, each image's own size; ``output`` says whether
-        disparity or depth) for uint8 HxWx3 RGB images.
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """The model's own output (raw float32 HxW, each image's own size; ``output`` says which
+        kind) for uint8 HxWx3 RGB images, with the field of view where the model predicts one
+        (Depth Pro with its fov model).
 
         Images that share a target size run in one forward pass; nothing is padded to a batch
         size (ZoeDepth's reflect padding is the image's own), so an image's result does not
         depend on its batch-mates beyond float noise.
         """
-        results: list[np.ndarray | None] = [None] * len(images)
+        results: list[Prediction | None] = [None] * len(images)
         with torch.inference_mode():
             for members, pixels in self.preprocess.batches(images, self.device):
                 with autocast(self.device, self.dtype):
-                    depth = self.model(pixel_values=pixels).predicted_depth
-                depth = depth.float()
+                    outputs = self.model(pixel_values=pixels)
+                depth = outputs.predicted_depth.float()
+                fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
+                fov = None if fov is None else fov.float()  # the focal length in float32, not half
                 for row, i in enumerate(members):
                     height, width = images[i].shape[:2]
-                    full = self.preprocess.restore(depth[row], height, width)
-                    results[i] = full.cpu().numpy().astype(np.float32, copy=False)
+                    fov_deg = None if fov is None else fov[row]
+                    full = self.preprocess.restore(depth[row], height, width, fov_deg)
+                    results[i] = Prediction(
+                        full.cpu().numpy().astype(np.float32, copy=False),
+                        fov_deg=None if fov_deg is None else float(fov_deg),
+                    )
         return results  # type: ignore[return-value]

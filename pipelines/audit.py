@@ -21,7 +21,7 @@ from storage.manifest import dataset
 from storage.objectstore import ObjectStore
 
 COLUMNS = ["key", "shard", "status", "error", "width", "height", "sky_fraction", "disp_min",
-           "disp_max", "degenerate", "disp_p05", "disp_p50", "disp_p95", "source_kind", "valid_fraction"]
+           "disp_max", "degenerate", "disp_p05", "disp_p50", "disp_p95", "source_kind", "valid_fraction", "conf_mean"]
 FLAG_KEYS = 50                 # keys kept per flag kind (the count is exact)
 
 
@@ -34,6 +34,7 @@ class Thresholds:
     flat_spread: float = 0.01  # disp_p95 - disp_p05 below: near-constant disparity
     tiny_side: int = 64        # an image side below: tiny image
     low_valid: float = 0.1     # ground truth: valid_fraction below: few labeled pixels
+    low_conf: float = 0.5      # a teacher with confidence: conf_mean below: the teacher doubts the label
     error_factor: float = 3.0  # a shard's error rate above this x the job's (and 5 % + ...)
     error_floor: float = 0.05
 
@@ -74,8 +75,10 @@ class _Audit:
         self.with_sky = 0
         self.kinds: dict[str, int] = {}
         self.valid = Hist(0.0, 1.0, 10_000)
+        self.conf = Hist(0.0, 1.0, 10_000)
         self.shards: dict[str, list] = {}   # shard -> [samples, ok, sky_sum, sky_n]
-        self.flags = {k: _Flag() for k in ("all_sky", "no_sky", "constant_disparity", "tiny_image", "low_valid")}
+        self.flags = {k: _Flag() for k in ("all_sky", "no_sky", "constant_disparity", "tiny_image", "low_valid",
+                                                 "low_confidence")}
 
     def add(self, batch: pa.RecordBatch) -> None:
         b = {name: batch.column(name) for name in COLUMNS}
@@ -103,13 +106,16 @@ class _Audit:
             self.kinds[item["values"]] = self.kinds.get(item["values"], 0) + item["counts"]
         valid = col("valid_fraction")
         self.valid.add(valid[ok & np.isfinite(valid)])
+        conf = col("conf_mean")
+        self.conf.add(conf[ok & np.isfinite(conf)])
         self._per_shard(b["shard"], ok, sky)
         with np.errstate(invalid="ignore"):
             for kind, mask in (("all_sky", ok & (sky >= self.t.all_sky)),
                                ("no_sky", ok & (sky == 0)),
                                ("constant_disparity", degenerate | (ok & (spread < self.t.flat_spread))),
                                ("tiny_image", ok & (np.minimum(w, h) < self.t.tiny_side)),
-                               ("low_valid", ok & (valid < self.t.low_valid))):
+                               ("low_valid", ok & (valid < self.t.low_valid)),
+                               ("low_confidence", ok & (conf < self.t.low_conf))):
                 self.flags[kind].add(b["shard"], b["key"], mask)
 
     def _per_shard(self, shard: pa.Array, ok: np.ndarray, sky: np.ndarray) -> None:
@@ -158,6 +164,8 @@ class _Audit:
             },
             "source_kind": dict(sorted(self.kinds.items())),
             "valid_fraction": self.valid.summary(),
+            # the teacher's mean confidence per sample (conf_mean), where it gives one
+            "confidence": {**self.conf.summary(), "histogram": self.conf.display()},
             "width": self.width.summary(), "height": self.height.summary(),
             "per_shard": per_shard,
             "flags": {"samples": flags, "shards": {"high_error_rate": suspect}},

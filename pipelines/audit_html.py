@@ -116,6 +116,8 @@ def render(report: dict, output: ObjectStore) -> str:
              _hist_svg(r["sky_fraction"]["histogram"], "sky fraction (ok samples)"),
              _hist_svg(r["disparity"]["raw_range"]["histogram"], "raw disparity range (log bins)"),
              _hist_svg(r["disparity"]["label_p50"]["histogram"], "median of the normalized label"),
+             *([_hist_svg(r["confidence"]["histogram"], "teacher's mean confidence (conf_mean)")]
+               if r.get("confidence", {}).get("count") else []),
              "</div>"]
     sizes = [("width", r["width"]), ("height", r["height"])]
     parts.append("<table><tr><th></th><th>min</th><th>p50</th><th>p95</th><th>max</th></tr>" + "".join(

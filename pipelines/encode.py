@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from labelers.normalize import DEPTH, NormalizedDisparity, normalize_disparity, normalize_output
+from labelers.normalize import METRIC_OUTPUTS, NormalizedDisparity, normalize_disparity, normalize_output, to_depth
 from pipelines.sample import Sample
 
 # zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.
 PNG_LEVEL = 1
-RESERVED = ("disp.png", "sky.png", "valid.png", "json")
+RESERVED = ("disp.png", "sky.png", "valid.png", "conf.png", "json")
 
 
 @dataclass(slots=True)
@@ -74,6 +75,39 @@ def depth_png_in_metres(label: dict) -> bool:
     through under ``--gt-scale 256`` (the same convention, as stored: no --max-depth, no sky)."""
     ground_truth = label.get("ground_truth") or {}
     return bool(label.get("keep_depth")) or ground_truth.get("scale") == DEPTH_SCALE
+
+
+# conf.png: a teacher's confidence c in [0, 1] (1 = most confident) as 8 bits.
+CONF_MEMBER = "conf.png"
+CONF_LEVELS = 255            # stored value = round(c * 255); 255 = most confident, 0 = least or none
+
+
+def conf_png(confidence: np.ndarray) -> bytes:
+    """Confidence as an 8-bit grayscale PNG, value = round(c * 255); non-finite c is 0."""
+    c = np.nan_to_num(np.asarray(confidence, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    u8 = np.rint(np.clip(c, 0.0, 1.0) * CONF_LEVELS).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def read_conf_png(data: bytes) -> np.ndarray:
+    """conf.png -> float32 confidence HxW in [0, 1] (within 1/510 of the teacher's)."""
+    with Image.open(io.BytesIO(data)) as im:
+        value = np.asarray(im)
+    if value.ndim != 2 or value.dtype != np.uint8:
+        raise ValueError(f"conf.png must be single-channel 8-bit, got {value.dtype} {value.shape}")
+    return value.astype(np.float32) / np.float32(CONF_LEVELS)
+
+
+def conf_mean(confidence: np.ndarray | None, used: np.ndarray | None) -> float | None:
+    """The manifest's ``conf_mean``: mean confidence over the non-sky pixels (all of them without a
+    sky model), non-finite confidence counted as 0; None without a map."""
+    if confidence is None:
+        return None
+    c = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    c = c if used is None else c[used]
+    return float(c.mean()) if c.size else None
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -155,7 +189,9 @@ def error_row(sample: Sample, models: dict) -> Encoded:
 def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     """Stage 4: normalize (SPEC §5.4) and encode. ``models`` = {"teacher": ..., "teacher_output":
     ..., "sky_model": ...}; a teacher's raw output is turned into disparity as teacher_output says.
-    ``keep_depth``: a depth teacher's metres are kept too, as ``depth.png`` (depth_png)."""
+    ``keep_depth``: a metric teacher's metres are kept too, as ``depth.png`` (depth_png). A
+    teacher's confidence becomes ``conf.png`` and ``conf_mean``, its field of view the json's
+    ``intrinsics``."""
     if not sample.ok:
         return error_row(sample, models)
     t0 = time.perf_counter()
@@ -171,9 +207,12 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     if sample.valid is not None:
         used = sample.valid if used is None else used & sample.valid
     p05, p50, p95 = percentiles(label, used)
+    confidence_mean = conf_mean(sample.confidence, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
         **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi), **output_range,
+        **({} if sample.fov_deg is None else {"intrinsics": _intrinsics(sample.fov_deg, width)}),
+        **({} if confidence_mean is None else {"conf_mean": confidence_mean}),
         "degenerate": label.degenerate, "sky_fraction": sky_fraction,
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras, sample.notes),
@@ -183,10 +222,12 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         members["sky.png"] = mask_png(sample.sky)
     if valid is not None:
         members["valid.png"] = mask_png(valid)
+    if sample.confidence is not None:
+        members[CONF_MEMBER] = conf_png(sample.confidence)
     if keep_depth:
-        if kind != DEPTH:
-            raise ValueError(f"keep_depth needs a teacher that outputs {DEPTH}, got {kind!r}")
-        members[DEPTH_MEMBER] = depth_png(sample.raw, sample.sky)
+        if kind not in METRIC_OUTPUTS:
+            raise ValueError(f"keep_depth needs a teacher that outputs metres ({', '.join(METRIC_OUTPUTS)}), got {kind!r}")
+        members[DEPTH_MEMBER] = depth_png(to_depth(sample.raw, kind), sample.sky)
         if DEPTH_MEMBER in sample.extras:
             sample.notes.append(f"input {DEPTH_MEMBER} replaced by the teacher's depth (--keep-depth)")
     if sample.notes:
@@ -200,12 +241,18 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         "key": sample.key, "source": sample.source, "status": "ok", "error": None,
         "width": width, "height": height, "sky_fraction": sky_fraction,
         "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **output_range, **models,
-        "valid_fraction": valid_fraction, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
+        "valid_fraction": valid_fraction, "conf_mean": confidence_mean, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
         "decode_s": sample.timings.get("decode"), "sky_s": sample.timings.get("sky"),
         "teacher_s": sample.timings.get("teacher"), "model_s": _model_seconds(sample.timings),
         "encode_s": sample.timings["encode"], "notes": "; ".join(sample.notes) or None,
     }
     return Encoded(sample.key, members, row)
+
+
+def _intrinsics(fov_deg: float, width: int) -> dict:
+    """What the teacher predicted of the camera: horizontal field of view, and the focal length
+    in pixels at the image's width, 0.5 W / tan(fov / 2)."""
+    return {"fov_deg": fov_deg, "focal_px": 0.5 * width / math.tan(math.radians(fov_deg) / 2)}
 
 
 def _model_seconds(timings: dict) -> float | None:

@@ -118,7 +118,7 @@ def evaluate_shard(task: ShardTask, teacher, rule: GroundTruthRule = GroundTruth
 
     def score(batch: list[tuple[int, _Item]]) -> None:
         m0 = time.perf_counter()
-        preds = [to_disparity(p, kind) for p in teacher.predict([item.sample.image for _, item in batch])]
+        preds = [to_disparity(p.raw, kind) for p in teacher.predict([item.sample.image for _, item in batch])]
         seconds = time.perf_counter() - m0
         result.model_seconds += seconds
         progress.model_seconds += seconds

@@ -22,6 +22,7 @@ from pathlib import Path
 from labelers.geometry import FAMILIES
 from labelers.normalize import DEPTH as OUTPUT_DEPTH
 from labelers.normalize import DISPARITY as OUTPUT_DISPARITY
+from labelers.normalize import INVERSE_DEPTH as OUTPUT_INVERSE_DEPTH
 from labelers.normalize import TEACHER_OUTPUTS
 from storage.names import check_member_name
 from storage.objectstore import is_s3, open_store
@@ -108,8 +109,8 @@ def check_task(ref: ModelRef, task: str) -> None:
 
 
 # What predicted_depth holds, per model_type of AutoModelForDepthEstimation (transformers 5).
-# depth_anything says it in its config (teacher_output); the others are fixed, undecided, or
-# not monocular depth at all.
+# depth_anything and depth_pro say it in their configs (teacher_output); the others are fixed,
+# undecided, or not monocular depth at all.
 _KNOWN_OUTPUT = {"glpn": OUTPUT_DEPTH, "zoedepth": OUTPUT_DEPTH}
 _NOT_DEPTH = {
     "chmv2": "a canopy-height model, not monocular depth",
@@ -119,34 +120,38 @@ _UNDECIDED = {
     "dpt": "its config does not say what it outputs (MiDaS DPT: disparity; the KITTI/NYU fine-tunes: "
            "metric depth)",
 }
-_NO_GEOMETRY = {"depth_pro": "Depth Pro outputs inverse depth with a field of view; not supported yet"}
 
 
 def teacher_output(config: dict, override: str | None = None, *, name: str = "MODEL") -> str:
-    """What the teacher's predicted_depth holds, OUTPUT_DISPARITY or OUTPUT_DEPTH, from its
-    config.json (``override``: --teacher-output). Decided once, on the driver, and pinned in
-    job.json: taking metric depth for disparity inverts every label of the job, silently.
+    """What the teacher's output holds (normalize.TEACHER_OUTPUTS), from its config.json
+    (``override``: --teacher-output). Decided once, on the driver, and pinned in job.json: taking
+    metric depth for disparity inverts every label of the job, silently.
 
     Depth Anything: depth_estimation_type "relative" (or absent: the relative checkpoints predate
-    the field) is disparity, "metric" depth; GLPN and ZoeDepth output depth. Where the config does
-    not say (DPT, unknown types), ``override`` must; it may never contradict a known kind."""
+    the field) is disparity, "metric" depth; GLPN and ZoeDepth output depth. Depth Pro with its
+    fov model (use_fov_model; DepthProConfig's default is false) gives metric inverse depth;
+    without it, its canonical inverse depth has no metres (no focal length), so it is disparity.
+    Where the config does not say (DPT, unknown types), ``override`` must; it may never contradict
+    a known kind."""
     if override is not None and override not in TEACHER_OUTPUTS:
         raise ModelSourceError(f"--teacher-output must be one of {', '.join(TEACHER_OUTPUTS)}, got {override!r}")
     model_type = config.get("model_type")
     if model_type in _NOT_DEPTH:
         raise ModelSourceError(f"teacher {name} is a {model_type!r} model: {_NOT_DEPTH[model_type]}")
     if model_type not in FAMILIES:   # the workers could not reproduce its preprocessing: refuse here
-        why = _NO_GEOMETRY.get(model_type, "depth-engine has no preprocessing rule for this family yet")
-        raise ModelSourceError(f"teacher {name} is a {model_type!r} model: {why} "
-                               f"(supported: {', '.join(FAMILIES)})")
+        raise ModelSourceError(f"teacher {name} is a {model_type!r} model: depth-engine has no preprocessing "
+                               f"rule for this family yet (supported: {', '.join(FAMILIES)})")
     known, why = _KNOWN_OUTPUT.get(model_type), f"model_type {model_type!r}"
     if model_type == "depth_anything":
         kind = config.get("depth_estimation_type", "relative")
         known = {"relative": OUTPUT_DISPARITY, "metric": OUTPUT_DEPTH}.get(kind)
         why = f"depth_estimation_type {kind!r}"
+    if model_type == "depth_pro":
+        fov = bool(config.get("use_fov_model", False))
+        known, why = (OUTPUT_INVERSE_DEPTH if fov else OUTPUT_DISPARITY), f"use_fov_model {str(fov).lower()}"
     if known and override and override != known:
-        raise ModelSourceError(f"teacher {name} outputs {known} ({why}); --teacher-output {override} "
-                               "would invert its labels")
+        harm = "would invert its labels" if OUTPUT_DEPTH in (known, override) else "contradicts it"
+        raise ModelSourceError(f"teacher {name} outputs {known} ({why}); --teacher-output {override} {harm}")
     if known or override:
         return known or override
     reason = _UNDECIDED.get(model_type, f"depth-engine does not know what a {why} model outputs")

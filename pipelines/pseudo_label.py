@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
-from labelers.normalize import DEPTH
+from labelers.normalize import METRIC_OUTPUTS
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.commit import ClaimPolicy, commit_shard
@@ -51,7 +51,7 @@ class Labelers:
     def __post_init__(self):
         if (self.teacher is None) == (self.ground_truth is None):
             raise ValueError("label with a teacher or with ground truth, exactly one of them")
-        if self.keep_depth and getattr(self.teacher, "output", None) != DEPTH:
+        if self.keep_depth and getattr(self.teacher, "output", None) not in METRIC_OUTPUTS:
             raise ValueError("keep_depth needs a teacher that outputs metric depth")
 
     @property
@@ -127,10 +127,12 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
         images = upload(images, labelers.device)
     masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
-    raws = labelers.teacher.predict(images) if labelers.teacher else [s.raw for s in batch]
+    predictions = labelers.teacher.predict(images) if labelers.teacher else [None] * len(batch)
     t2 = time.perf_counter()
-    for s, mask, raw in zip(batch, masks, raws):
-        s.sky, s.raw, s.image = mask, raw, None   # the pixels are no longer needed
+    for s, mask, prediction in zip(batch, masks, predictions):
+        s.sky, s.image = mask, None   # the pixels are no longer needed
+        if prediction is not None:
+            s.raw, s.confidence, s.fov_deg = prediction.raw, prediction.confidence, prediction.fov_deg
         if labelers.sky:
             s.timings["sky"] = (t1 - t0) / len(batch)
         if labelers.teacher:
@@ -187,7 +189,7 @@ def label_shard(
             try:
                 return encode(sample, models, labelers.keep_depth)
             finally:
-                sample.image = sample.raw = sample.sky = sample.valid = None
+                sample.image = sample.raw = sample.sky = sample.valid = sample.confidence = None
                 budget.release(sample.held)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:

@@ -24,6 +24,8 @@ class Sample:
     height: int | None = None                   # of the oriented image; kept after image is freed
     width: int | None = None
     raw: np.ndarray | None = None               # teacher output at image size (float32)
+    confidence: np.ndarray | None = None        # the teacher's confidence, float32 HxW in [0, 1], if it gives one
+    fov_deg: float | None = None                # the field of view the teacher predicts, if it does
     sky: np.ndarray | None = None               # bool HxW, True = sky
     valid: np.ndarray | None = None             # bool HxW, ground truth only: True = label known
     ground_truth: str | None = None             # ground truth only: the member it came from
@@ -38,5 +40,5 @@ class Sample:
 
     def fail(self, reason: str) -> "Sample":
         self.error = reason
-        self.image = self.raw = self.sky = self.valid = None
+        self.image = self.raw = self.sky = self.valid = self.confidence = None
         return self

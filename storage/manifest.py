@@ -57,9 +57,12 @@ SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("attempt", pa.int32()),
         ("labeled_at", pa.timestamp("ms", tz="UTC")),
-        ("teacher_output", pa.string()),  # what the teacher outputs: "disparity" | "depth"; null for gt
+        ("teacher_output", pa.string()),  # what the teacher outputs: "disparity" | "depth" |
+                                         # "inverse_depth"; null for gt
         ("output_min", pa.float32()),    # range of the teacher's own output (its unit: metres for
-        ("output_max", pa.float32()),    # depth) over the normalized pixels; null for gt
+        ("output_max", pa.float32()),    # depth, 1/m for inverse depth) over the normalized pixels; null for gt
+        ("conf_mean", pa.float32()),     # the teacher's mean confidence (0..1) over non-sky pixels;
+                                         # null when it gives none (conf.png)
     ],
     metadata={b"depth_engine.manifest_version": MANIFEST_VERSION.encode()},
 )

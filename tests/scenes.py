@@ -11,6 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from labelers.prediction import Prediction
 
 
 def render(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -105,5 +106,5 @@ class ExactTeacher:
             if self.noise:
                 pred = pred + self.rng.normal(0, self.noise, d.shape)
             self.returned[self.digest(image)] = pred
-            out.append(pred.astype(np.float32))
+            out.append(Prediction(pred.astype(np.float32)))
         return out

@@ -12,6 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from builders import bad_members, encode, photo_samples, write_shard
+from labelers.prediction import Prediction
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.audit import audit
@@ -111,6 +112,7 @@ def test_flags_name_the_suspect_samples_and_shards(output):
         "constant_disparity": sum(x["degenerate"] or (x["disp_p95"] - x["disp_p05"] < 0.01) for x in ok),
         "tiny_image": sum(min(x["width"], x["height"]) < 64 for x in ok),
         "low_valid": 0,      # pseudo-labels: every pixel labeled (tests/test_ground_truth.py has gt)
+        "low_confidence": 0,  # a teacher without confidence (test_confidence_... below has one)
     }
     assert {k: f["count"] for k, f in flags.items()} == want
     for kind, f in flags.items():
@@ -181,3 +183,48 @@ def test_html_report_is_self_contained_and_its_pictures_decode(output, tmp_path)
         pic.load()
         assert min(pic.size) > 0
     assert kinds["image"] == kinds["disp"] == kinds["sky"] >= 3     # triplets
+
+
+class _ConfidentTeacher:
+    """A teacher that gives each image its own confidence level (a ramp around it), and depth."""
+
+    output, device, name = "depth", None, "conf"
+
+    def __init__(self, levels):
+        self.levels, self.seen = iter(levels), []
+
+    def target_size(self, height, width):
+        return height, width
+
+    def predict(self, images):
+        out = []
+        for im in images:
+            h, w = im.shape[:2]
+            level = next(self.levels)
+            conf = np.clip(level + np.linspace(-0.05, 0.05, w)[None, :].repeat(h, 0), 0, 1).astype(np.float32)
+            depth = (1 + im.mean(axis=2) / 64).astype(np.float32)
+            out.append(Prediction(depth, conf))
+        return out
+
+
+def test_confidence_histogram_and_low_confidence_flag(tmp_path):
+    levels = [0.05, 0.2, 0.45, 0.55, 0.7, 0.95, 0.6, 0.8]
+    samples = photo_samples([(48, 64)] * len(levels), "k")
+    src = write_shard(tmp_path / "k.tar", samples)
+    out = open_store(str(tmp_path / "out"))
+    label_shard(ShardTask(src, "k"), Labelers(_ConfidentTeacher(levels)), out, batch_size=3, threads=2)
+    r = audit(out)
+    rows = ds.dataset(str(tmp_path / "out" / "manifest"), format="parquet").to_table().to_pylist()
+    conf = np.array([x["conf_mean"] for x in rows])
+    assert conf == pytest.approx(levels, abs=1e-3)            # each image's own level, in tar order
+    c = r["confidence"]
+    assert c["count"] == len(levels) and c["mean"] == pytest.approx(conf.mean(), abs=1e-6)
+    assert c["min"] == pytest.approx(conf.min(), abs=1e-4) and c["p50"] == pytest.approx(q(conf, 0.5), abs=1e-4)
+    counts, edges = np.histogram(conf, bins=20, range=(0, 1))
+    assert c["histogram"]["counts"] == counts.tolist() and c["histogram"]["edges"] == pytest.approx(edges)
+    low = r["flags"]["samples"]["low_confidence"]
+    assert low["count"] == int((conf < 0.5).sum()) == 3
+    assert {f["key"] for f in low["samples"]} == {x["key"] for x in rows if x["conf_mean"] < 0.5}
+    from pipelines.audit_html import render
+
+    assert "mean confidence (conf_mean)" in render(r, out)

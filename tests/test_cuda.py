@@ -39,7 +39,7 @@ def test_shared_upload_gives_the_labels_of_separate_numpy_inputs(tiny_models):
     assert all(t.is_cuda and t.dtype == torch.uint8 for t in tensors)
     batch = samples(images)
     label_batch(batch, on_gpu)                              # the engine's path: one upload
-    separate = on_gpu.teacher.predict(images), on_gpu.sky.masks(images)   # numpy in, per model
+    separate = [p.raw for p in on_gpu.teacher.predict(images)], on_gpu.sky.masks(images)   # numpy in, per model
     for s, raw, sky in zip(batch, *separate):
         assert pearson(s.raw, raw) > 0.99999 and np.array_equal(s.sky, sky)
 
@@ -49,7 +49,7 @@ def test_bf16_labels_agree_with_fp32(tiny_models):
     images = list(natural_photos().values())
     fp32 = Teacher.load(tiny_models.teacher, device="cuda", dtype="fp32").predict(images)
     bf16 = Teacher.load(tiny_models.teacher, device="cuda", dtype="bf16").predict(images)
-    for a, b in zip(fp32, bf16):
+    for a, b in zip((p.raw for p in fp32), (p.raw for p in bf16)):
         assert b.dtype == np.float32 and pearson(a, b) > 0.99
 
 

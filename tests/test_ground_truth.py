@@ -12,6 +12,7 @@ from PIL import Image
 
 from builders import write_shard
 from helpers_models import reference_metrics
+from labelers.prediction import Prediction
 from labelers.ground_truth import (GroundTruthError, GroundTruthRule, decode_ground_truth, find_member,
                                    read_values, to_disparity)
 from pipelines.audit import audit
@@ -236,7 +237,8 @@ def test_a_sample_that_cannot_be_scored_is_an_error_row_and_the_rest_is_scored(s
         def predict(self, images):
             out = super().predict(images)
             first = self.digest(pairs[0][0])
-            return [np.full_like(p, np.nan) if self.digest(im) == first else p for im, p in zip(images, out)]
+            return [Prediction(np.full_like(p.raw, np.nan)) if self.digest(im) == first else p
+                    for im, p in zip(images, out)]
 
     rows = {r["key"]: r for r in evaluate_shard(ShardTask(src, "scenes-000000"), NanOnFirst(pairs)).rows}
     assert rows["scene0"]["status"] == "error" and "cannot score" in rows["scene0"]["reason"]

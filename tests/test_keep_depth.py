@@ -84,7 +84,7 @@ def test_label_keeps_the_teachers_metres_and_the_loader_yields_them(tmp_path, ti
             assert im.size == (rgb.shape[1], rgb.shape[0]) and im.mode in ("I;16", "I")
             depth = np.asarray(im).astype(np.float64) / 256
         sky = np.asarray(Image.open(io.BytesIO(got[key]["sky.png"]))) == 255
-        metres = engine_teacher.predict([rgb])[0].astype(np.float64)
+        metres = engine_teacher.predict([rgb])[0].raw.astype(np.float64)
         assert 0.05 < np.median(metres) < 20 and metres.std() > 0.5, key      # a real spread of metres
         keep = ~sky & np.isfinite(metres) & (metres > 0) & (metres < 65535 / 256)
         assert keep.mean() > 0.3, key

@@ -156,7 +156,7 @@ def test_teacher_matches_an_independent_reference_in_one_batch(teacher, teacher_
     names = list(photos)
     shared = [teacher.target_size(*photos[n].shape[:2]) for n in ("rocket", "rocket_crop")]
     assert shared[0] == shared[1]  # these two run in one forward pass
-    predictions = teacher.predict([photos[n] for n in names])
+    predictions = [p.raw for p in teacher.predict([photos[n] for n in names])]
 
     model = AutoModelForDepthEstimation.from_pretrained(teacher_dir).eval()
     processor = AutoImageProcessor.from_pretrained(teacher_dir)
@@ -170,8 +170,8 @@ def test_teacher_matches_an_independent_reference_in_one_batch(teacher, teacher_
 
 def test_teacher_result_does_not_depend_on_batch_mates(teacher, photos):
     a, b, c = photos["rocket_crop"], photos["rocket"], photos["small"]  # a and b share a forward pass
-    alone = teacher.predict([a])[0]
-    together = teacher.predict([a, b, c])[0]
+    alone = teacher.predict([a])[0].raw
+    together = teacher.predict([a, b, c])[0].raw
     scale = float(np.abs(alone).max())
     assert scale > 0
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5 * scale)

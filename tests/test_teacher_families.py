@@ -202,7 +202,7 @@ def test_teacher_equals_the_family_pipeline(saved):
     teacher = Teacher.load(str(path))
     assert teacher.preprocess.family == family.split("-")[0]
     images = _images()
-    predictions = teacher.predict(images)  # one call, grouped by target size
+    predictions = [p.raw for p in teacher.predict(images)]  # one call, grouped by target size
     for image, ours in zip(images, predictions):
         theirs = _pipeline_depth(path, image)
         assert ours.shape == image.shape[:2] == theirs.shape
@@ -248,5 +248,5 @@ def test_depth_anything_keeps_its_rule_and_bilinear_resize(tmp_path):
 def test_unknown_family_is_refused():
     from transformers import DPTImageProcessorPil
 
-    with pytest.raises(ValueError, match="depth_pro"):
-        TeacherPreprocess.from_processor(DPTImageProcessorPil(), family="depth_pro")
+    with pytest.raises(ValueError, match="no preprocessing rule for depth models of type 'chmv2'"):
+        TeacherPreprocess.from_processor(DPTImageProcessorPil(), family="chmv2")

@@ -21,7 +21,8 @@ from PIL import Image
 from builders import photo_samples, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import iou, pearson, reference_prediction, reference_sky
-from labelers.normalize import DEPTH, DISPARITY, normalize_disparity, normalize_output, to_disparity
+from labelers.normalize import DEPTH, DISPARITY, INVERSE_DEPTH, normalize_disparity, normalize_output, to_disparity
+from labelers.prediction import Prediction
 from pipelines.evaluate import evaluate_shard, summarize
 from pipelines.models import ModelSourceError, teacher_output
 from pipelines.pseudo_label import ShardTask
@@ -179,8 +180,10 @@ def test_job_pins_the_kind_and_a_rerun_with_another_is_refused(tmp_path, teacher
 
 REFUSALS = {
     "dpt": ({}, None, "--teacher-output"),
-    "depth_pro": ({"model_type": "depth_pro", "architectures": ["DepthProForDepthEstimation"]}, "depth",
-                  "Depth Pro outputs inverse depth with a field of view; not supported yet"),
+    "depth_pro": ({"model_type": "depth_pro", "architectures": ["DepthProForDepthEstimation"], "use_fov_model": True},
+                  "depth", "outputs inverse_depth (use_fov_model true); --teacher-output depth would invert"),
+    "unknown": ({"model_type": "tipsv2_dpt", "architectures": ["Tipsv2DptForDepthEstimation"]}, "depth",
+                "no preprocessing rule for this family yet"),
     "chmv2": ({"model_type": "chmv2", "architectures": ["CHMv2ForDepthEstimation"]}, "depth", "canopy-height"),
     "prompt": ({"model_type": "prompt_depth_anything", "architectures": ["PromptDepthAnythingForDepthEstimation"]},
                "disparity", "prompt depth"),
@@ -214,7 +217,9 @@ def test_refusals_exit_2_with_one_line_before_any_work(tmp_path, teachers, case)
     ({"model_type": "glpn"}, None, DEPTH),
     ({"model_type": "dpt"}, "disparity", DISPARITY),
     ({"model_type": "dpt"}, "depth", DEPTH),
-    ({"model_type": "depth_pro"}, "disparity", None),          # the workers could not preprocess it
+    ({"model_type": "depth_pro"}, None, DISPARITY),             # DepthProConfig's default: no fov model
+    ({"model_type": "depth_pro", "use_fov_model": True}, None, INVERSE_DEPTH),
+    ({"model_type": "depth_pro", "use_fov_model": True}, "disparity", None),
     ({"model_type": "tipsv2_dpt"}, "depth", None),
     ({"model_type": "dpt"}, None, None),
     ({"model_type": "tipsv2_dpt"}, None, None),
@@ -269,7 +274,7 @@ class DepthTeacher(ExactTeacher):
     output = DEPTH
 
     def predict(self, images):
-        return [1 / p for p in super().predict(images)]
+        return [Prediction(1 / p.raw) for p in super().predict(images)]
 
 
 def test_evaluate_scores_a_metric_teacher_on_its_disparity(tmp_path):

@@ -1,0 +1,53 @@
+"""What a teacher gives for one image: its raw map, and what some teachers add (a confidence map,
+the camera's field of view). Every teacher, a transformers family or a plugin, returns these, so
+the stages after the model see one shape of result whatever made it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One image's teacher output, at the image's own size (after EXIF orientation).
+
+    raw: float32 HxW in the teacher's output kind (labelers.normalize.TEACHER_OUTPUTS).
+    confidence: float32 HxW in [0, 1], 1 = most confident; None when the teacher gives none.
+    fov_deg: the horizontal field of view the teacher predicts for the image, in degrees; None
+    when it predicts none (the sample json's ``intrinsics`` gives the focal length from it).
+    """
+
+    raw: np.ndarray
+    confidence: np.ndarray | None = None
+    fov_deg: float | None = None
+
+
+def checked(prediction, height: int, width: int, teacher: str) -> Prediction:
+    """A teacher's result for an image of height x width, or a ValueError saying what is wrong
+    with it: a map of another size would be stretched or cut silently further on. A bare array
+    is a Prediction with the raw map alone."""
+    if not isinstance(prediction, Prediction):
+        prediction = Prediction(prediction)
+    raw = np.asarray(prediction.raw)
+    if raw.shape != (height, width) or raw.dtype.kind != "f":
+        raise ValueError(f"teacher {teacher} returned a {raw.dtype} map of shape {raw.shape} for a "
+                         f"{height}x{width} image; expected float HxW at the image's size")
+    confidence = prediction.confidence
+    if confidence is not None:
+        confidence = np.asarray(confidence)
+        if confidence.shape != (height, width) or confidence.dtype.kind != "f":
+            raise ValueError(f"teacher {teacher} returned a {confidence.dtype} confidence map of shape "
+                             f"{confidence.shape} for a {height}x{width} image; expected float HxW in [0, 1]")
+        finite = confidence[np.isfinite(confidence)]
+        if finite.size and (finite.min() < 0 or finite.max() > 1):
+            raise ValueError(f"teacher {teacher} returned confidence in [{finite.min():.3g}, {finite.max():.3g}]; "
+                             "expected [0, 1] (1 = most confident)")
+        confidence = confidence.astype(np.float32, copy=False)
+    fov = prediction.fov_deg
+    if fov is not None:
+        fov = float(fov)
+        if not 0 < fov < 180:
+            raise ValueError(f"teacher {teacher} predicted a field of view of {fov} degrees; expected (0, 180)")
+    return Prediction(raw.astype(np.float32, copy=False), confidence, fov)
