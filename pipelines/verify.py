@@ -25,7 +25,7 @@ from storage.objectstore import ObjectNotFound, ObjectStore, open_store
 DEFAULT_WORKERS = 8
 CHUNK = 1024 * 1024  # read size inside a member, and tarfile's stream buffer
 BLOCK = tarfile.BLOCKSIZE
-PNG_SUFFIXES = (".disp.png", ".sky.png", ".valid.png")
+PNG_SUFFIXES = (".disp.png", ".sky.png", ".valid.png", ".conf.png")  # the engine's, at the image's size
 _PNG_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 

@@ -111,6 +111,12 @@ def test_plugin_labels_a_shard_on_ray_with_its_confidence_and_field_of_view(site
         assert rows[key]["teacher"] == teacher and rows[key]["teacher_output"] == "depth"
         assert rows[key]["output_min"] == pytest.approx(depth.min(), rel=1e-5)
 
+    from pipelines.verify import verify
+    from storage.objectstore import open_store
+
+    checked = verify(open_store(str(out)))                      # conf.png is checked like the other label PNGs
+    assert (checked.checked, checked.bad) == (1, ())
+
     # Other weights under the same plugin are another label definition: refused before any work.
     other = site.save_weights(tmp_path / "other.safetensors", seed=1)
     p = run("label", f"{tmp_path / 'raw'}/", str(out), "--teacher", f"plugin:tiny:{other}", "--sky", "none",
