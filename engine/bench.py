@@ -12,7 +12,7 @@ and the ratios of the engine to each. Steady-state rates exclude cluster start a
 which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
-``--plan N`` / ``--audit N``: see engine.bench_scale.
+``--plan N`` / ``--audit N``: see engine.bench_scale. ``--teachers``: see engine.bench_teachers.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class BenchConfig:
     memory: bool = False
     hostile: bool = False                 # peak worker RSS: a hostile shard beside an ordinary one
     aspects: list = field(default_factory=list)   # only the teacher's time per image by aspect ratio
+    teachers: bool = False                # only each teacher family: the engine beside transformers' own
     batch_size: int = 8
     workers: int | None = None
     device: str = "auto"
@@ -117,6 +118,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
+    if cfg.teachers:
+        from engine.bench_teachers import teacher_figures
+
+        return {"machine": machine(), "teachers": teacher_figures(root / "teacher-families", images=cfg.images,
+                                                                  repeats=cfg.repeats)}
     if cfg.aspects:
         from engine.bench_aspect import aspect_figures
 
@@ -259,6 +265,11 @@ def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dic
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "teachers" in r:
+        from engine.bench_teachers import print_teachers
+
+        print_teachers(r["teachers"])
+        return
     if "aspects" in r:
         print(f"teacher {r['models']['teacher']}, one image at a time:")
         for a in r["aspects"]:

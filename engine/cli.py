@@ -129,11 +129,14 @@ def build_parser() -> Parser:
     b.add_argument("--sky-size", default="b0", choices=["tiny", "b0", "b5"])
     b.add_argument("--image-size", type=int, default=518, metavar="N", help="random teacher's input size")
     b.add_argument("--sky-image-size", type=int, default=512, metavar="N", help="random segmenter's input size")
-    b.add_argument("--images", type=int, default=64, metavar="N")
+    b.add_argument("--images", type=int, default=None, metavar="N",
+                   help="images per figure (default: 64; 6 with --teachers)")
     b.add_argument("--sizes", default=None, metavar="WxH,...")
     b.add_argument("--memory", action="store_true", help="also peak worker RSS for N and 10 N image shards")
     b.add_argument("--aspects", default=None, metavar="R,R,...",
                    help="only time the teacher on one image per aspect ratio (e.g. 1,2,4,8,16) and exit")
+    b.add_argument("--teachers", action="store_true", help="only time each teacher family: the engine's teacher "
+                   "beside transformers' own pipeline, and exit")
     b.add_argument("--hostile", action="store_true",
                    help="also peak worker RSS for N hostile samples (lying headers, sparse members, 10x10000) beside N photos")
     b.add_argument("--batch-size", type=int, default=8, metavar="N")
@@ -337,10 +340,12 @@ def _aspects(text: str | None) -> list[float]:
 
 def _bench(args) -> int:
     from engine.bench import BenchConfig, parse_sizes, print_report, run_bench
+    from engine.bench_teachers import TEACHER_IMAGES
 
+    images = args.images if args.images is not None else TEACHER_IMAGES if args.teachers else BenchConfig.images
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
-        image_size=args.image_size, sky_image_size=args.sky_image_size, images=args.images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects),
+        image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
         batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))

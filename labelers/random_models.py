@@ -1,9 +1,10 @@
 """Random-weight teacher and sky models: the real architectures, saved like hub checkpoints.
 
-For demos, tests and benchmarks on machines without downloaded weights. They exercise every
-step of labeling (loading, preprocessing, batching, post-processing, storage) at the real cost
-of the chosen size, but their outputs carry NO depth or sky quality: a label made with them
-shows the machinery, not the scene.
+For demos, tests and benchmarks on machines without downloaded weights: Depth Anything and
+SegFormer at their real sizes, the other depth families at a modest one (save_random_family).
+They exercise every step of labeling (loading, preprocessing, batching, post-processing,
+storage) at the real cost of the chosen size, but their outputs carry NO depth or sky quality:
+a label made with them shows the machinery, not the scene.
 
 Two deliberate departures from a plain random init, so that demo labels are not blank:
 - teacher: the DPT neck and head convolutions get PyTorch-style Kaiming init. With the 0.02-std
@@ -17,6 +18,8 @@ Two deliberate departures from a plain random init, so that demo labels are not 
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +210,179 @@ def _save(directory, model, processor) -> Path:
     model.save_pretrained(path)  # safetensors
     processor.save_pretrained(path)
     return path
+
+
+# ---- The other transformers depth families, for `bench --teachers` ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FamilySpec:
+    """One scale of the other families: a ViT backbone (BEiT for DPT and ZoeDepth, DINOv2 for
+    Depth Pro), the DPT-style decoder widths, the processor's input size, and GLPN's encoder."""
+
+    hidden: int
+    layers: int
+    heads: int
+    neck: tuple[int, int, int, int]
+    fusion: int
+    image_size: int  # DPT's processor size; ZoeDepth's is image_size x 4/3 image_size
+    depth_pro_patch: int  # Depth Pro's patch encoders' input; its processor size is 4x (scales 1/4, 1/2, 1)
+    glpn_hidden: tuple[int, int, int, int]
+    glpn_depths: tuple[int, int, int, int]
+    glpn_heads: tuple[int, int, int, int]
+
+
+# "small": 8-layer ViTs a quarter of ViT-B's width at DPT's and ZoeDepth's real input sizes, and
+# GLPN's default (MiT-b0) encoder: the real layers, at a size a CPU times in seconds. "tiny": tests.
+FAMILY_SCALES = {
+    "tiny": FamilySpec(32, 4, 2, (8, 16, 16, 16), 16, 128, 64, (8, 16, 16, 16), (1, 1, 1, 1), (1, 1, 1, 1)),
+    "small": FamilySpec(192, 8, 3, (48, 96, 192, 192), 64, 384, 128, (32, 64, 160, 256), (2, 2, 2, 2), (1, 2, 5, 8)),
+}
+
+
+def _kaiming(modules) -> None:
+    """As save_random_teacher does: without it the random decoders give a near-constant map."""
+    for module in modules:
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _beit(spec: FamilySpec):
+    from transformers import BeitConfig
+
+    stages = [spec.layers * k // 4 for k in range(1, 5)]
+    return BeitConfig(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        intermediate_size=4 * spec.hidden, image_size=spec.image_size, patch_size=16,
+        out_features=[f"stage{i}" for i in stages], use_relative_position_bias=True, reshape_hidden_states=False,
+    )
+
+
+def _dpt(spec: FamilySpec):
+    """Intel/dpt-beit's layout: DPT on a BEiT backbone, aspect kept, sides multiples of 32."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
+
+    config = DPTConfig(backbone_config=_beit(spec), neck_hidden_sizes=list(spec.neck), fusion_hidden_size=spec.fusion,
+                       reassemble_hidden_size=spec.hidden, is_hybrid=False)
+    model = DPTForDepthEstimation(config)
+    _kaiming([*model.neck.modules(), *model.head.modules()])
+    processor = DPTImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size}, keep_aspect_ratio=True, ensure_multiple_of=32,
+        resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    return model, processor, f"BEiT {spec.layers}x{spec.hidden} at {spec.image_size}, neck {_dashed(spec.neck)}"
+
+
+def _glpn(spec: FamilySpec):
+    """vinvino02/glpn-kitti's layout (MiT encoder): the image at its own size, sides floored to 32."""
+    from transformers import GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessorPil
+
+    config = GLPNConfig(hidden_sizes=list(spec.glpn_hidden), depths=list(spec.glpn_depths),
+                        num_attention_heads=list(spec.glpn_heads), decoder_hidden_size=spec.fusion)
+    model = GLPNForDepthEstimation(config)
+    return model, GLPNImageProcessorPil(), f"MiT {_dashed(spec.glpn_hidden)}, depths {_dashed(spec.glpn_depths)}"
+
+
+def _zoedepth(spec: FamilySpec):
+    """Intel/zoedepth-nyu's layout: DPT on BEiT with the metric-bins head; reflect padding."""
+    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation, ZoeDepthImageProcessorPil
+
+    config = ZoeDepthConfig(
+        backbone_config=_beit(spec), neck_hidden_sizes=list(spec.neck), fusion_hidden_size=spec.fusion,
+        reassemble_hidden_size=spec.hidden, num_relative_features=spec.fusion // 2, bottleneck_features=spec.fusion,
+        bin_embedding_dim=spec.fusion,
+        bin_configurations=[{"n_bins": 64, "min_depth": 1e-3, "max_depth": 10.0, "name": "nyu"}],
+        patch_transformer_hidden_size=spec.fusion, patch_transformer_intermediate_size=2 * spec.fusion,
+        patch_transformer_num_attention_heads=2,
+    )
+    model = ZoeDepthForDepthEstimation(config)
+    _kaiming([m for name, m in model.named_modules() if not name.startswith("backbone")])
+    size = {"height": spec.image_size, "width": spec.image_size * 4 // 3}
+    return model, ZoeDepthImageProcessorPil(size=size, ensure_multiple_of=32), (
+        f"BEiT {spec.layers}x{spec.hidden} at {size['height']}x{size['width']}, metric bins 64")
+
+
+def _depth_pro(spec: FamilySpec):
+    """apple/DepthPro-hf's layout (its 1536 and patches of 384 scaled down): DINOv2 image, patch
+    and fov encoders; the processor (which needs torchvision) is saved as its preprocessor_config.json."""
+    from transformers import DepthProConfig, DepthProForDepthEstimation
+
+    patch = spec.depth_pro_patch
+    dinov2 = {"model_type": "dinov2", "hidden_size": spec.hidden, "num_attention_heads": spec.heads,
+              "num_hidden_layers": spec.layers, "image_size": patch, "patch_size": 16, "mlp_ratio": 4,
+              "out_features": [f"stage{spec.layers}"], "out_indices": [spec.layers]}
+    config = DepthProConfig(
+        patch_size=patch, fusion_hidden_size=spec.fusion, intermediate_hook_ids=[spec.layers - 1, spec.layers // 2 - 1],
+        intermediate_feature_dims=[spec.fusion] * 2, scaled_images_feature_dims=[2 * spec.fusion] * 2 + [spec.fusion],
+        use_fov_model=True, image_model_config=dinov2, patch_model_config=dinov2, fov_model_config=dinov2,
+    )
+    model = DepthProForDepthEstimation(config).eval()
+    _kaiming([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
+    side = 4 * patch
+    _calibrate_depth_pro(model, side)
+    processor = {"image_processor_type": "DepthProImageProcessorFast", "do_resize": True,
+                 "size": {"height": side, "width": side}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    return model, processor, f"DINOv2 {spec.layers}x{spec.hidden} x3 (patches of {patch}) at {side}, fov on"
+
+
+@torch.no_grad()
+def _calibrate_depth_pro(model, side: int) -> None:
+    """Shift the last convolutions so that, on a random image, the canonical inverse depth is
+    about 0.6 +- 0.12 (not cut to 0 by the final ReLU, so the map varies) and the field of view
+    about 60 degrees (a usable focal length): random weights give neither."""
+    last, fov_last = model.head.layers[4], model.fov_model.head.layers[-1]
+    seen = {}
+    hook = last.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    fov = model(pixel_values=torch.rand(1, 3, side, side) * 2 - 1).field_of_view
+    hook.remove()
+    gain = 0.12 / float(seen["x"].std())
+    last.weight.mul_(gain)
+    last.bias.mul_(gain).add_(0.6 - float(seen["x"].mean()) * gain)
+    fov_last.weight.mul_(5)
+    fov_last.bias.mul_(5).add_(60 - 5 * float(fov.mean()))
+
+
+def _dashed(values) -> str:
+    return "-".join(str(v) for v in values)
+
+
+FAMILY_BUILDERS = {"dpt": _dpt, "glpn": _glpn, "zoedepth": _zoedepth, "depth_pro": _depth_pro}
+# Depth Anything at each scale: save_random_teacher's (size, image_size).
+DEPTH_ANYTHING_SCALES = {"tiny": ("tiny", 56), "small": ("vits", 266)}
+
+
+def save_random_family(directory, family: str, *, scale: str = "small", seed: int = 0) -> tuple[Path, str]:
+    """Save a random depth model of ``family`` (depth_anything, dpt, glpn, zoedepth, depth_pro)
+    at ``scale`` (FAMILY_SCALES) with its processor settings; (folder, its config in one line)."""
+    if family == "depth_anything":
+        size, image_size = _choose(DEPTH_ANYTHING_SCALES, scale, "family")
+        path = save_random_teacher(directory, size=size, image_size=image_size, seed=seed)
+        desc = f"DINOv2 {TEACHER_SIZES[size].layers}x{TEACHER_SIZES[size].hidden} ({size}) at {image_size}"
+        return path, f"{desc}; {_millions(path)}M params"
+    if family not in FAMILY_BUILDERS:
+        raise ValueError(f"no random model of depth family {family!r}; choose one of depth_anything, "
+                         f"{', '.join(FAMILY_BUILDERS)}")
+    spec, build = _choose(FAMILY_SCALES, scale, "family"), FAMILY_BUILDERS[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor, desc = build(spec)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if isinstance(processor, dict):  # Depth Pro's processor class cannot be built without torchvision
+        (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    else:
+        processor.save_pretrained(path)
+    return path, f"{desc}; {_millions(path)}M params"
+
+
+def _millions(path: Path) -> float:
+    """Parameters in the saved weights, in millions (one decimal)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return round(count / 1e6, 1)

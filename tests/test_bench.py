@@ -87,3 +87,29 @@ def test_bench_aspects_times_the_teacher_per_ratio(tmp_path):
         assert r["seconds"] > 0 and r["time_vs_first"] == pytest.approx(r["seconds"] / rows[0]["seconds"], abs=0.01)
     bad = run("bench", "--aspects", "0.5,2", "--workdir", str(tmp_path))
     assert bad.returncode == 2 and "--aspects" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_teachers_puts_each_family_beside_transformers(tmp_path, capsys):
+    """In-process, tiny models, two photos: every family has the engine's rate; where transformers
+    could run the family's reference, the ratios are the rates' and the maps agree."""
+    from engine.bench_teachers import print_teachers, teacher_figures
+    from labelers.geometry import FAMILIES
+
+    r = teacher_figures(tmp_path, images=2, repeats=1, scale="tiny")
+    rows = {f["family"]: f for f in r["families"]}
+    assert list(rows) == list(FAMILIES) and (r["images"], r["repeats"]) == (2, 1)
+    ran = 0
+    for family, f in rows.items():
+        assert f["engine"]["images_per_second"] > 0 and f["teacher_inputs"] and "params" in f["model"], family
+        if f["reference"]:
+            assert f["reference"] == "needs torchvision" and "pipeline" not in f, family
+            continue
+        ran += 1
+        engine = f["engine"]["images_per_second"]
+        for name in ("pipeline", "batched"):
+            assert f[f"engine_over_{name}"] == pytest.approx(engine / f[name]["images_per_second"], abs=0.01), family
+        assert f["inputs_differ"] == 0 and f["pearson_min"] > 0.999, family
+    assert ran >= 3  # depth_anything, dpt and glpn need nothing beyond PIL
+    print_teachers(r)
+    table = capsys.readouterr().out
+    assert all(family in table for family in FAMILIES)
