@@ -170,13 +170,29 @@ def build_parser() -> Parser:
     tr = sub.add_parser("train-student", help="train a Depth Anything student on labeled + pseudo-labeled OUTPUTs")
     tr.add_argument("--labeled", action="append", required=True, metavar="OUTPUT")
     tr.add_argument("--pseudo", action="append", required=True, metavar="OUTPUT")
-    tr.add_argument("--student", required=True, metavar="DIR", help="save_pretrained DepthAnythingForDepthEstimation")
-    tr.add_argument("--frozen", required=True, metavar="DIR", help="save_pretrained Dinov2Model (kept frozen)")
+    start = tr.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", nargs=2, metavar=("dinov2", "DIR"),
+                       help="the paper's student: the encoder of the save_pretrained Dinov2Model in DIR, "
+                            "a fresh DPT head sized as the paper's S/B/L/G")
+    start.add_argument("--student", metavar="DIR",
+                       help="fine-tune a save_pretrained DepthAnythingForDepthEstimation instead")
+    tr.add_argument("--frozen", metavar="DIR", help="save_pretrained Dinov2Model to align to, kept frozen "
+                                                    "(default: --init's DIR; needed with --student)")
     tr.add_argument("--out", required=True, metavar="DIR", help="run directory (resumes from its checkpoint)")
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--batch-size", type=int, default=6)
-    tr.add_argument("--crop", type=int, default=518)
-    tr.add_argument("--lr", type=float, default=5e-6, help="encoder lr; the decoder gets 10x")
+    tr.add_argument("--crop", type=int, default=518, help="square training crop (paper: 518)")
+    tr.add_argument("--lr", type=float, default=5e-6, help="encoder lr, AdamW, linear decay (paper: 5e-6)")
+    tr.add_argument("--decoder-lr-factor", type=float, default=10.0, help="decoder lr = this x --lr (paper: 10)")
+    tr.add_argument("--ratio", default="1:2", metavar="L:P",
+                    help="labeled : pseudo-labeled samples in each batch (paper: 1:2)")
+    tr.add_argument("--trim", type=float, default=0.1,
+                    help="pseudo-labeled images: drop this share of each image's largest pixel losses "
+                         "(Depth Anything V2: 0.1; labeled images keep all)")
+    tr.add_argument("--alpha", type=float, default=0.85,
+                    help="feature alignment tolerance: positions with cosine above it are left out (paper: 0.85)")
+    tr.add_argument("--cutmix-p", type=float, default=0.5,
+                    help="probability that a batch's pseudo-labeled images are CutMixed (paper: 0.5)")
     tr.add_argument("--save-every", type=int, default=100)
     tr.add_argument("--stop-after", type=int, default=None, metavar="N", help="run at most N steps now")
     tr.add_argument("--seed", type=int, default=0)
@@ -308,10 +324,14 @@ def _train_student(args) -> int:
     from pipelines.student.train import TrainConfig, train
 
     try:
+        if args.init and args.init[0] != "dinov2":
+            raise ValueError(f"--init {args.init[0]}: the student is built from a DINOv2 encoder: --init dinov2 DIR")
         cfg = TrainConfig(labeled=tuple(args.labeled), pseudo=tuple(args.pseudo), student=args.student,
+                          init=args.init[1] if args.init else None,
                           frozen=args.frozen, out=args.out, steps=args.steps, batch_size=args.batch_size,
-                          crop=args.crop, lr=args.lr, save_every=args.save_every, stop_after=args.stop_after,
-                          seed=args.seed)
+                          crop=args.crop, lr=args.lr, decoder_lr_factor=args.decoder_lr_factor,
+                          ratio=_ratio(args.ratio), trim=args.trim, alpha=args.alpha, cutmix_p=args.cutmix_p,
+                          save_every=args.save_every, stop_after=args.stop_after, seed=args.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     history = train(cfg)
@@ -320,6 +340,14 @@ def _train_student(args) -> int:
         print(f"step {last['step']}: total {last['total']:.4f} (labeled {last['labeled']:.4f}, "
               f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint in {args.out}/checkpoint")
     return 0
+
+
+def _ratio(text: str) -> tuple[int, int]:
+    try:
+        labeled, pseudo = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--ratio must be L:P (two whole numbers, e.g. 1:2), got {text!r}") from None
+    return labeled, pseudo
 
 
 def _demo(args) -> int:

@@ -103,3 +103,18 @@ def test_two_ranks_under_torchrun_train_and_keep_each_ranks_place(setup):
     state = json.loads((tmp / "ddp" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6 and len(state["streams"]) == 2
     shutil.rmtree(tmp / "ddp")
+
+
+def test_the_papers_student_from_dinov2_learns_and_starts_aligned(setup):
+    """--init dinov2: the encoder is the frozen DINOv2 itself, so alignment starts at 0 and stays
+    near it while the fresh head learns; the total loss falls."""
+    from test_student_recipe import save_dinov2
+
+    tmp, outs, _, _ = setup
+    dinov2 = save_dinov2(tmp / "dinov2-4", layers=4)
+    history = train(cfg(setup, "run-init", student=None, frozen=None, init=dinov2, steps=24, save_every=24,
+                        lr=1e-4, decoder_lr_factor=30))
+    total = [h["total"] for h in history]
+    assert len(total) == 24 and all(np.isfinite(total))
+    assert np.mean(total[-5:]) < np.mean(total[:5])
+    assert history[0]["feature"] == 0.0 and max(h["feature"] for h in history[:5]) < 0.05

@@ -93,8 +93,12 @@ def feature_alignment_loss(student: Tensor, frozen: Tensor, alpha: float = 0.85)
 
     Pulls the student's features toward a frozen DINOv2's semantics, but a position already
     within the tolerance is left out (no gradient): parts of one object may lie at different
-    depths, so exact agreement would hurt. Features are (B, N, C) tokens or (B, C, H, W) maps;
-    ``frozen`` is detached. 0 (still in the graph) when every position is left out.
+    depths, so exact agreement would hurt. The mean is over the kept positions, not all: the
+    paper's L_feat = 1 − mean_i cos leaves such a position out of the mean, and dividing by all
+    positions would shrink the term, and its pull on the positions still far off, by the share
+    already aligned. Features are (B, N, C) tokens or (B, C, H, W) maps of like kind (the
+    trainer passes both encoders' normed patch tokens, pipelines.student.model); ``frozen`` is
+    detached. 0 (still in the graph) when every position is left out.
     """
     if student.shape != frozen.shape or student.ndim not in (3, 4):
         raise ValueError(f"need equal (B, N, C) or (B, C, H, W) features, got "

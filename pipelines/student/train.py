@@ -5,9 +5,13 @@ perturbations and CutMix: they are the student's input only, and the labels come
 clean images. The loss is the mean of three terms:
 - the labeled affine-invariant loss;
 - the CutMix loss on pseudo-labels;
-- feature alignment to a frozen DINOv2 (tolerance alpha).
+- feature alignment to a frozen DINOv2 (tolerance alpha), on like features: the student's encoder
+  output after the encoder's final norm, patch tokens only (pipelines.student.model).
 
-Encoder lr is 5e-6 and decoder lr 10x that, AdamW with linear decay. Checkpoints are
+The student is built as the paper builds it (``init``: a DINOv2 encoder, a fresh DPT head) or
+taken from a checkpoint (``student``). Encoder lr is 5e-6 and decoder lr 10x that, AdamW with
+linear decay; Depth Anything V2's trim drops the largest 10 % of each pseudo-labeled image's
+pixel losses (labeled images keep all theirs). Checkpoints are
 safetensors (weights and optimizer state) plus a JSON trainer state, written atomically. A
 run that finds a checkpoint in its directory resumes from it. Under ``torchrun`` every rank
 reads its own share of the shards and gradients are averaged with DDP.
@@ -25,6 +29,7 @@ import torch
 
 from pipelines.student.loader import DepthShards, LoaderConfig, mixed_batches
 from pipelines.student.losses import affine_invariant_loss, cutmix_loss, feature_alignment_loss
+from pipelines.student.model import from_dinov2, frozen_features, student_features
 from pipelines.student.perturb import CutMix, StrongAugment
 
 CHECKPOINT = "checkpoint"
@@ -37,16 +42,19 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 class TrainConfig:
     labeled: tuple[str, ...]           # OUTPUTs with ground truth (source_kind gt) or any labels
     pseudo: tuple[str, ...]            # OUTPUTs of `depth-engine label`
-    student: str                       # save_pretrained DepthAnythingForDepthEstimation to start from
-    frozen: str                        # save_pretrained Dinov2Model, kept frozen
+    student: str | None                # save_pretrained DepthAnythingForDepthEstimation to fine-tune, or
+    frozen: str | None                 # save_pretrained Dinov2Model, kept frozen (default: init)
     out: str                           # run directory: checkpoint/ and log.jsonl
     steps: int = 1000
     batch_size: int = 6                # labeled : pseudo = 1 : 2 inside each batch
     crop: int = 518
     lr: float = 5e-6                   # encoder; the decoder gets decoder_lr_factor x this
     decoder_lr_factor: float = 10.0
-    alpha: float = 0.85
-    trim: float = 0.0
+    alpha: float = 0.85                # feature alignment: positions with cos above it are left out
+    trim: float = 0.1                  # pseudo-labeled images: share of largest pixel losses dropped (V2)
+    cutmix_p: float = 0.5              # probability that a batch's pseudo-labeled images are CutMixed
+    init: str | None = None            # save_pretrained Dinov2Model: the paper's student (its encoder,
+                                       # a fresh DPT head); exclusive with student
     save_every: int = 100
     stop_after: int | None = None      # run at most this many steps now (a preemptible slot)
     seed: int = 0
@@ -58,15 +66,30 @@ class TrainConfig:
             raise ValueError("train-student needs at least one labeled and one pseudo-labeled OUTPUT")
         if self.steps < 1 or self.batch_size < sum(self.ratio):
             raise ValueError(f"steps must be >= 1 and batch size >= {sum(self.ratio)}")
+        if (self.student is None) == (self.init is None):
+            raise ValueError("train-student starts from a DINOv2 encoder (--init dinov2 DIR) or from a "
+                             "student checkpoint (--student DIR), exactly one of them")
+        if self.frozen is None and self.init is None:
+            raise ValueError("--frozen DIR (the DINOv2 to align to) is needed with --student")
+        if not 0 <= self.trim < 1 or not 0 <= self.cutmix_p <= 1 or not -1 <= self.alpha <= 1:
+            raise ValueError(f"need 0 <= trim < 1, 0 <= cutmix_p <= 1 and -1 <= alpha <= 1, "
+                             f"got {self.trim}, {self.cutmix_p}, {self.alpha}")
 
 
-def _load_models(cfg: TrainConfig, device):
+def _load_models(cfg: TrainConfig, device, checkpoint: str | None = None):
+    """(student, frozen DINOv2) on ``device``: the student from the run's own ``checkpoint`` (a
+    resume), else from ``cfg.student``, else built from ``cfg.init``; the frozen encoder defaults
+    to ``cfg.init``."""
     import transformers
     from transformers import DepthAnythingForDepthEstimation, Dinov2Model
 
     transformers.logging.set_verbosity_error()
-    student = DepthAnythingForDepthEstimation.from_pretrained(cfg.student, use_safetensors=True).float().to(device)
-    frozen = Dinov2Model.from_pretrained(cfg.frozen, use_safetensors=True).float().eval().to(device)
+    if checkpoint or cfg.student:
+        student = DepthAnythingForDepthEstimation.from_pretrained(checkpoint or cfg.student, use_safetensors=True)
+    else:
+        student = from_dinov2(cfg.init, seed=cfg.seed)
+    student = student.float().to(device)
+    frozen = Dinov2Model.from_pretrained(cfg.frozen or cfg.init, use_safetensors=True).float().eval().to(device)
     for p in frozen.parameters():
         p.requires_grad_(False)
     hs, hf = student.config.backbone_config.hidden_size, frozen.config.hidden_size
@@ -89,20 +112,19 @@ def step_losses(student, frozen, batch: dict, cfg: TrainConfig, gen: torch.Gener
     pseudo = batch["pseudo"]
     img, disp, valid = batch["image"], batch["disparity"], batch["valid"]
     lab, unl = ~pseudo, pseudo
-    augment, cutmix = StrongAugment(), CutMix()
+    augment, cutmix = StrongAugment(), CutMix(p=cfg.cutmix_p)
     u = torch.stack([augment(x, gen) for x in img[unl]]) if unl.any() else img[unl]
     mixed = cutmix(u, gen)
     inputs = (torch.cat([img[lab], mixed.images]) - MEAN.to(img.device)) / STD.to(img.device)
     out = student(pixel_values=inputs, output_hidden_states=True)
     pred = out.predicted_depth
     n_lab = int(lab.sum())
-    l_lab = affine_invariant_loss(pred[:n_lab], disp[lab], valid[lab], trim=cfg.trim)
+    l_lab = affine_invariant_loss(pred[:n_lab], disp[lab], valid[lab])     # ground truth: no trim
     d_u, v_u = disp[unl], valid[unl]
     label_b, valid_b = d_u[mixed.partner], v_u[mixed.partner]
     l_unl = cutmix_loss(pred[n_lab:], d_u, label_b, mixed.mask, torch.where(mixed.mask, v_u, valid_b), trim=cfg.trim)
-    with torch.no_grad():
-        target = frozen(pixel_values=inputs).last_hidden_state[:, 1:]
-    l_feat = feature_alignment_loss(out.hidden_states[-1][:, 1:], target, alpha=cfg.alpha)
+    l_feat = feature_alignment_loss(student_features(student, out.hidden_states), frozen_features(frozen, inputs),
+                                    alpha=cfg.alpha)
     return {"labeled": l_lab, "unlabeled": l_unl, "feature": l_feat,
             "total": (l_lab + l_unl + l_feat) / 3}
 
@@ -194,8 +216,7 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> list[dict]:
     run.mkdir(parents=True, exist_ok=True)
     ck_student = run / CHECKPOINT
     resume = (ck_student / "trainer_state.json").exists()
-    student, frozen = _load_models(TrainConfig(**{**asdict(cfg), "student": str(ck_student)}) if resume else cfg,
-                                   device)
+    student, frozen = _load_models(cfg, device, checkpoint=str(ck_student) if resume else None)
     opt, sched = _optimizer(cfg, student)
     state = _restore(run, opt, sched) if resume else None
     start = state["step"] if state else 0
