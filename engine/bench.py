@@ -13,6 +13,7 @@ which are reported apart. ``--memory``: one worker's peak RSS for a shard of N i
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
 ``--plan N`` / ``--audit N``: see engine.bench_scale. ``--teachers``: see engine.bench_teachers.
+``--train``: see engine.bench_train.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class BenchConfig:
     hostile: bool = False                 # peak worker RSS: a hostile shard beside an ordinary one
     aspects: list = field(default_factory=list)   # only the teacher's time per image by aspect ratio
     teachers: bool = False                # only each teacher family: the engine beside transformers' own
+    train: bool = False                   # only the student trainer: end to end beside its model step
     batch_size: int = 8
     workers: int | None = None
     device: str = "auto"
@@ -118,6 +120,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
+    if cfg.train:
+        from engine.bench_train import train_figures
+
+        return {"machine": machine(), "train": train_figures(root / "train", repeats=cfg.repeats)}
     if cfg.teachers:
         from engine.bench_teachers import teacher_figures
 
@@ -265,6 +271,11 @@ def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dic
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "train" in r:
+        from engine.bench_train import print_train
+
+        print_train(r["train"])
+        return
     if "teachers" in r:
         from engine.bench_teachers import print_teachers
 

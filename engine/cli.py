@@ -137,6 +137,8 @@ def build_parser() -> Parser:
                    help="only time the teacher on one image per aspect ratio (e.g. 1,2,4,8,16) and exit")
     b.add_argument("--teachers", action="store_true", help="only time each teacher family: the engine's teacher "
                    "beside transformers' own pipeline, and exit")
+    b.add_argument("--train", action="store_true", help="only time the student trainer end to end beside its "
+                   "model step alone (same model and batch), and exit")
     b.add_argument("--hostile", action="store_true",
                    help="also peak worker RSS for N hostile samples (lying headers, sparse members, 10x10000) beside N photos")
     b.add_argument("--batch-size", type=int, default=8, metavar="N")
@@ -193,9 +195,29 @@ def build_parser() -> Parser:
                     help="feature alignment tolerance: positions with cosine above it are left out (paper: 0.85)")
     tr.add_argument("--cutmix-p", type=float, default=0.5,
                     help="probability that a batch's pseudo-labeled images are CutMixed (paper: 0.5)")
+    tr.add_argument("--ray", action="store_true", help="run as a Ray Train job (README: two ways to launch)")
+    tr.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="with --ray: attach to a running Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    tr.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                    help="with --ray: training workers (default: the cluster's GPUs, else 2)")
+    tr.add_argument("--gpus-per-worker", type=int, default=None, metavar="G",
+                    help="with --ray: 0 or 1 (default: 1 when the cluster has GPUs, else 0)")
+    tr.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                    help="with --ray: CPUs reserved per worker (default: the node's CPUs per GPU, else a share)")
     tr.add_argument("--save-every", type=int, default=100)
     tr.add_argument("--stop-after", type=int, default=None, metavar="N", help="run at most N steps now")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--loader-workers", type=int, default=2, metavar="N",
+                    help="DataLoader worker processes per stream (labeled, pseudo) and rank; 0: in-process")
+    tr.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
+    tr.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM", help="max gradient norm (0: off)")
+    tr.add_argument("--accum", type=int, default=1, metavar="N",
+                    help="micro-batches of --batch-size per optimizer step (--steps counts optimizer steps)")
+    tr.add_argument("--val", default=None, metavar="OUTPUT",
+                    help="a convert-gt OUTPUT to score the student on (AbsRel, delta1); keeps best/")
+    tr.add_argument("--val-every", type=int, default=None, metavar="N",
+                    help="validate every N steps and at the last (default: every --save-every)")
 
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")
@@ -321,6 +343,7 @@ def _verify(args) -> int:
 
 
 def _train_student(args) -> int:
+    from pipelines.student.errors import TrainSetupError
     from pipelines.student.train import TrainConfig, train
 
     try:
@@ -331,15 +354,42 @@ def _train_student(args) -> int:
                           frozen=args.frozen, out=args.out, steps=args.steps, batch_size=args.batch_size,
                           crop=args.crop, lr=args.lr, decoder_lr_factor=args.decoder_lr_factor,
                           ratio=_ratio(args.ratio), trim=args.trim, alpha=args.alpha, cutmix_p=args.cutmix_p,
-                          save_every=args.save_every, stop_after=args.stop_after, seed=args.seed)
+                          save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
+                          loader_workers=args.loader_workers, dtype=args.dtype, clip_grad=args.clip_grad,
+                          accum=args.accum, val=args.val, val_every=args.val_every)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    history = train(cfg)
+    ray_flags = (args.ray_address, args.ray_workers, args.gpus_per_worker, args.cpus_per_worker)
+    if not args.ray and any(v is not None for v in ray_flags):
+        raise ConfigError("--ray-address, --ray-workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    try:
+        history = _on_ray(cfg, args) if args.ray else train(cfg)
+    except TrainSetupError as e:
+        raise ConfigError(str(e)) from None
+    if history is None:
+        return 1
     if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
         print(f"step {last['step']}: total {last['total']:.4f} (labeled {last['labeled']:.4f}, "
-              f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint in {args.out}/checkpoint")
+              f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint: {args.out.rstrip('/')}/latest.json")
     return 0
+
+
+def _on_ray(cfg, args) -> list[dict] | None:
+    """``train-student --ray``: the loop on Ray Train workers. A configuration error in a worker
+    exits 2, any other worker failure prints its one line and gives None (exit 1)."""
+    from pipelines.student.on_ray import RayScaling, WorkerFailed, train_on_ray
+    from storage.objectstore import redact
+
+    scaling = RayScaling(ray_address=args.ray_address, workers=args.ray_workers,
+                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+    try:
+        return train_on_ray(cfg, scaling)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except WorkerFailed as e:
+        print(redact(f"depth-engine: {e}"), file=sys.stderr)
+        return None
 
 
 def _ratio(text: str) -> tuple[int, int]:
@@ -374,7 +424,7 @@ def _bench(args) -> int:
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+        train=args.train, batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)

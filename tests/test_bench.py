@@ -113,3 +113,25 @@ def test_bench_teachers_puts_each_family_beside_transformers(tmp_path, capsys):
     print_teachers(r)
     table = capsys.readouterr().out
     assert all(family in table for family in FAMILIES)
+
+
+def test_bench_train_puts_the_trainer_beside_its_model_step(tmp_path, capsys):
+    """In-process, a tiny student: both figures, their ratio, and runs of the lengths asked for."""
+    from engine.bench import print_report
+    from engine.bench_train import TrainBench, train_figures
+    from engine.cli import build_parser
+
+    bench = TrainBench(hidden=32, heads=2, layers=4, crop=56, shards=2, per_shard=6, sizes=((60, 80), (80, 60)),
+                       short=2, long=12, loader_workers=0)
+    r = train_figures(tmp_path, bench, repeats=1)
+    e, m = r["end_to_end"], r["model_step"]
+    assert e["run_seconds"].keys() == {"2", "12"} and len(m["runs"]) == 1
+    assert e["steps_per_second"] == pytest.approx(1 / e["seconds_per_step"], rel=1e-2)
+    assert m["seconds_per_step"] == m["runs"][0] > 0 and r["loader_seconds_per_batch"] > 0
+    assert r["ratio"] == pytest.approx(m["seconds_per_step"] / e["seconds_per_step"], rel=1e-2)
+    for steps in (2, 12):    # the real loop ran: one log row per step
+        assert len((tmp_path / f"run-{steps}-0" / "log.jsonl").read_text().splitlines()) == steps
+    assert build_parser().parse_args(["bench", "--train"]).train
+    print_report({"machine": {}, "train": r})
+    out = capsys.readouterr().out
+    assert "trainer end to end" in out and "model step alone" in out and "end to end / model step" in out

@@ -49,7 +49,8 @@ def dockerfile() -> tuple[str, dict[str, str], list[tuple[str, str]]]:
 
 def cluster_specs() -> dict[str, dict]:
     return {"RayCluster": one(KUBERAY / "raycluster.yaml", "RayCluster")["spec"],
-            "RayJob": one(KUBERAY / "rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]}
+            "RayJob": one(KUBERAY / "rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
+            "RayJob train": one(KUBERAY / "rayjob-train.yaml", "RayJob")["spec"]["rayClusterSpec"]}
 
 
 def pods(spec: dict) -> dict[str, dict]:
@@ -74,11 +75,11 @@ def gpu_group(spec: dict) -> dict:
 def test_every_yaml_parses_with_the_expected_kinds():
     files = sorted(DEPLOY.rglob("*.yaml"))
     assert {f.relative_to(DEPLOY).as_posix() for f in files} >= {
-        "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/secret.example.yaml",
-        "cluster-launcher/aws.yaml"}
+        "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayjob-train.yaml",
+        "kuberay/secret.example.yaml", "cluster-launcher/aws.yaml"}
     kinds = {f.name: [(d.get("apiVersion"), d.get("kind")) for d in load(f)] for f in files}
     assert kinds["raycluster.yaml"] == [("ray.io/v1", "RayCluster")]
-    assert kinds["rayjob.yaml"] == [("ray.io/v1", "RayJob")]
+    assert kinds["rayjob.yaml"] == kinds["rayjob-train.yaml"] == [("ray.io/v1", "RayJob")]
     assert sorted(kinds["secret.example.yaml"]) == [("v1", "ConfigMap"), ("v1", "Secret")]
 
 
@@ -115,12 +116,29 @@ def test_rayjob_entrypoint_is_a_label_command_our_cli_accepts():
     assert isinstance(job["ttlSecondsAfterFinished"], int) and isinstance(job["backoffLimit"], int)
 
 
+def test_rayjob_train_entrypoint_is_a_ray_train_command_our_cli_accepts():
+    from engine.cli import build_parser
+
+    job = one(KUBERAY / "rayjob-train.yaml", "RayJob")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["depth-engine", "train-student"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.ray and args.ray_address == "auto"
+    # Pods share no disk: every rank reads the checkpoint on resume, so it lives in the bucket.
+    assert args.out.startswith("s3://")
+    assert all(url.startswith("s3://") for url in [*args.labeled, *args.pseudo])
+    assert args.init == ["dinov2", "facebook/dinov2-large"] and args.frozen is None
+    assert args.ray_workers is None     # one worker per GPU of the fixed-size group
+    assert job["shutdownAfterJobFinishes"] is True
+    assert isinstance(job["ttlSecondsAfterFinished"], int) and isinstance(job["backoffLimit"], int)
+
+
 def test_rayjob_cluster_is_the_raycluster():
     specs = cluster_specs()
-    assert specs["RayJob"] == specs["RayCluster"]
+    assert specs["RayJob"] == specs["RayJob train"] == specs["RayCluster"]
 
 
-@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayJob train"])
 def test_cpu_head_and_fixed_size_gpu_workers(kind):
     spec = cluster_specs()[kind]
     head = spec["headGroupSpec"]
@@ -165,7 +183,7 @@ def test_s3_settings_reach_head_and_workers_from_the_secret_and_configmap():
 
 
 def test_no_literal_secrets_in_cluster_manifests():
-    for path in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"):
+    for path in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", KUBERAY / "rayjob-train.yaml"):
         text = path.read_text()
         assert not re.search(r"\bA(KIA|SIA)[A-Z0-9]{16}\b", text), path.name
         assert all(d["kind"] not in ("Secret", "ConfigMap") for d in load(path))

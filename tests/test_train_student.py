@@ -79,7 +79,7 @@ def test_a_stopped_run_resumes_where_it_stopped(setup):
     first = train(cfg(setup, "run-b", stop_after=12, save_every=6))
     assert [h["step"] for h in first] == list(range(1, 13))
     state = json.loads((setup[0] / "run-b" / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 12 and state["streams"][0]["pseudo"]["consumed"] > 0
+    assert state["step"] == 12 and sum(state["streams"][0]["pseudo"]["consumed"].values()) > 0
     rest = train(cfg(setup, "run-b", save_every=6))
     assert [h["step"] for h in rest] == list(range(13, 31))
     log = [json.loads(line) for line in (setup[0] / "run-b" / "log.jsonl").read_text().splitlines()]
@@ -118,3 +118,18 @@ def test_the_papers_student_from_dinov2_learns_and_starts_aligned(setup):
     assert len(total) == 24 and all(np.isfinite(total))
     assert np.mean(total[-5:]) < np.mean(total[:5])
     assert history[0]["feature"] == 0.0 and max(h["feature"] for h in history[:5]) < 0.05
+
+
+def test_a_run_directory_of_the_old_layout_resumes(setup):
+    """Before the pointer, a run kept one real checkpoint/ directory; such a run resumes."""
+    import os
+    import shutil
+
+    run = setup[0] / "run-old"
+    train(cfg(setup, "run-old", stop_after=4, save_every=4, steps=8))
+    target = os.readlink(run / "checkpoint")
+    os.remove(run / "checkpoint")
+    shutil.move(str(run / target), str(run / "checkpoint"))        # the old layout: no pointer
+    os.remove(run / "latest.json")
+    rest = train(cfg(setup, "run-old", save_every=4, steps=8))
+    assert [h["step"] for h in rest] == [5, 6, 7, 8]

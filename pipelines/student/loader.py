@@ -226,7 +226,7 @@ def transform_sample(image: np.ndarray, disparity: np.ndarray, valid: np.ndarray
 class DepthShards(torch.utils.data.IterableDataset):
     """Samples of one rank's shards for one epoch: dicts of image float32 (3, C, C) in [0, 1],
     disparity float32 (C, C) in [0, 1], valid and sky bool (C, C), and the sample's identity:
-    key, shard, output (URL), worker and num_workers (the DataLoader worker that read it).
+    key, shard, output (URL), epoch, worker and num_workers (the DataLoader worker that read it).
     Where the sample has `depth.png` in metres x 256 (`_has_metric_depth`), also `depth`
     float32 (C, C) in metres, 0 where there is none (mask with `depth > 0`), same window.
 
@@ -239,7 +239,9 @@ class DepthShards(torch.utils.data.IterableDataset):
 
     Resume contract: a sample counts as consumed when the trainer says so. Call
     `mark_consumed(x)` with each sample or collated batch after using it (it reads the sample's
-    `worker` field), save `state_dict()` with the checkpoint, and `load_state_dict()` it into a
+    `worker` field; samples of another epoch than the current one are not counted, so a batch
+    that straddles an epoch boundary in an endless stream is marked as it is), save
+    `state_dict()` with the checkpoint, and `load_state_dict()` it into a
     fresh dataset before iterating: each worker then skips the first `consumed[worker]` samples
     of its (deterministic) stream, whole shards without reading them, and yields exactly the
     rest, with the same crops. The same seed, outputs, filter, rank, world size and number of
@@ -288,13 +290,17 @@ class DepthShards(torch.utils.data.IterableDataset):
         `where` (bool per sample) picks this dataset's samples out of a mixed batch:
         `labeled.mark_consumed(batch, where=~batch["pseudo"])`.
         """
-        workers = x["worker"] if isinstance(x, dict) else x
-        workers = [workers] if isinstance(workers, (int, np.integer)) else list(torch.as_tensor(workers).flatten())
-        if where is not None:
-            workers = [w for w, keep in zip(workers, torch.as_tensor(where).flatten()) if keep]
-        if isinstance(x, dict) and "num_workers" in x and workers:
-            self._num_workers = int(torch.as_tensor(x["num_workers"]).flatten()[0])
-        self._consumed.update(int(w) for w in workers)
+        def per_sample(v) -> list[int]:
+            return [int(v)] if isinstance(v, (int, np.integer)) else [int(i) for i in torch.as_tensor(v).flatten()]
+
+        workers = per_sample(x["worker"] if isinstance(x, dict) else x)
+        keep = [True] * len(workers) if where is None else [bool(k) for k in torch.as_tensor(where).flatten()]
+        if isinstance(x, dict) and "epoch" in x:       # a finished epoch's samples: its count is gone
+            keep = [k and e == self.epoch for k, e in zip(keep, per_sample(x["epoch"]))]
+        if isinstance(x, dict) and "num_workers" in x:
+            sizes = [n for n, k in zip(per_sample(x["num_workers"]), keep) if k]
+            self._num_workers = sizes[0] if sizes else self._num_workers
+        self._consumed.update(w for w, k in zip(workers, keep) if k)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": {str(w): n for w, n in sorted(self._consumed.items())},
@@ -326,7 +332,7 @@ class DepthShards(torch.utils.data.IterableDataset):
                 skip -= plan.count        # a whole shard consumed: not even opened
                 continue
             for sample in self._shard_samples(plan, skip):
-                yield {**sample, "worker": worker, "num_workers": num_workers}
+                yield {**sample, "epoch": self.epoch, "worker": worker, "num_workers": num_workers}
             skip = 0
 
     def _shard_samples(self, plan: ShardPlan, skip: int) -> Iterator[dict]:

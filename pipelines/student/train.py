@@ -18,21 +18,26 @@ reads its own share of the shards and gradients are averaged with DDP.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import torch
 
+from labelers.devices import autocast, resolve_dtype
+from pipelines.student import checkpoint
+from pipelines.student.errors import TrainSetupError
+from pipelines.student.feeding import Stream, check_split
 from pipelines.student.loader import DepthShards, LoaderConfig, mixed_batches
 from pipelines.student.losses import affine_invariant_loss, cutmix_loss, feature_alignment_loss
 from pipelines.student.model import from_dinov2, frozen_features, student_features
 from pipelines.student.perturb import CutMix, StrongAugment
+from pipelines.student.runlog import RunLog
+from storage.objectstore import open_store
 
-CHECKPOINT = "checkpoint"
 # DINOv2 (and Depth Anything) see ImageNet-normalized RGB; the loader yields [0, 1].
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -44,7 +49,7 @@ class TrainConfig:
     pseudo: tuple[str, ...]            # OUTPUTs of `depth-engine label`
     student: str | None                # save_pretrained DepthAnythingForDepthEstimation to fine-tune, or
     frozen: str | None                 # save_pretrained Dinov2Model, kept frozen (default: init)
-    out: str                           # run directory: checkpoint/ and log.jsonl
+    out: str                           # run directory or s3:// prefix: checkpoints, latest.json, log.jsonl
     steps: int = 1000
     batch_size: int = 6                # labeled : pseudo = 1 : 2 inside each batch
     crop: int = 518
@@ -60,6 +65,13 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     ratio: tuple[int, int] = field(default=(1, 2))
+    # feeding, validation, checkpoints
+    loader_workers: int = 2            # DataLoader worker processes per stream (labeled, pseudo); 0: in-process
+    dtype: str = "auto"                # autocast: auto = bf16 on CUDA, fp32 on CPU
+    clip_grad: float = 1.0             # max global gradient norm; 0: no clipping
+    accum: int = 1                     # micro-batches (of batch_size) per optimizer step; steps count these
+    val: str | None = None             # convert-gt OUTPUT the student is scored on (rank 0)
+    val_every: int | None = None       # validate every N steps and at the last; None: every save_every
 
     def __post_init__(self):
         if not self.labeled or not self.pseudo:
@@ -74,6 +86,11 @@ class TrainConfig:
         if not 0 <= self.trim < 1 or not 0 <= self.cutmix_p <= 1 or not -1 <= self.alpha <= 1:
             raise ValueError(f"need 0 <= trim < 1, 0 <= cutmix_p <= 1 and -1 <= alpha <= 1, "
                              f"got {self.trim}, {self.cutmix_p}, {self.alpha}")
+        if self.loader_workers < 0 or self.accum < 1 or self.clip_grad < 0 or (self.val_every or 1) < 1:
+            raise ValueError(f"need --loader-workers >= 0, --accum >= 1, --clip-grad >= 0 and --val-every >= 1, "
+                             f"got {self.loader_workers}, {self.accum}, {self.clip_grad}, {self.val_every}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
 def _load_models(cfg: TrainConfig, device, checkpoint: str | None = None):
@@ -129,137 +146,144 @@ def step_losses(student, frozen, batch: dict, cfg: TrainConfig, gen: torch.Gener
             "total": (l_lab + l_unl + l_feat) / 3}
 
 
-class _Stream:
-    """Endless samples of one dataset across epochs, counting what was consumed (for resume)."""
-
-    def __init__(self, dataset: DepthShards, epoch: int = 0, consumed: int = 0):
-        self.dataset, self.epoch, self.consumed = dataset, epoch, consumed
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            self.dataset.set_epoch(self.epoch)
-            self.dataset.load_state_dict({"epoch": self.epoch, "consumed": {"0": self.consumed}})
-            got = False
-            for sample in self.dataset:
-                got = True
-                self.consumed += 1
-                yield sample
-            if not got and self.consumed == 0:
-                raise ValueError("a training OUTPUT has no sample that passes the filter")
-            self.epoch, self.consumed = self.epoch + 1, 0
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+def train_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of --dtype, resolved as the labelers resolve theirs (bf16 on a CPU is
+    refused). auto on a GPU without bf16 trains in fp32: fp16 would need loss scaling. Resolved
+    where training runs: a Ray driver without a GPU may start workers that have one."""
+    try:
+        dtype = resolve_dtype(name, device)
+    except ValueError as e:
+        raise TrainSetupError(f"train-student: {e}") from None
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _save(run: Path, student, opt, sched, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = run / f"{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (student.module if hasattr(student, "module") else student).save_pretrained(tmp)
-    tensors, meta = {}, {}
-    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.contiguous()
-    meta["param_groups"] = opt.state_dict()["param_groups"]
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": meta,
-                                                          "scheduler": sched.state_dict()}, default=str))
-    final = run / CHECKPOINT
-    old = run / f"{CHECKPOINT}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _device() -> torch.device:
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
 
-def _restore(run: Path, opt, sched) -> dict | None:
-    from safetensors.torch import load_file
-
-    ck = run / CHECKPOINT
-    if not (ck / "trainer_state.json").exists():
-        return None
-    state = json.loads((ck / "trainer_state.json").read_text())
-    tensors = load_file(str(ck / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for name, t in tensors.items():
-        pid, key = name.split(".", 1)
-        opt_state.setdefault(int(pid), {})[key] = t
-    opt.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    sched.load_state_dict(state["scheduler"])
-    return state
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The perturbations' RNG of one optimizer step, a function of the step: a resumed run draws
+    what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) training; returns the per-step losses of this run. Under torchrun the
-    process group is created here and destroyed on the way out: a gloo/NCCL group left to
-    interpreter teardown can abort the process after the work is done."""
+    """Run (or resume) training; returns the per-step rows of this run. The data split and the
+    validation OUTPUT are checked first, by every rank alike, so a run that cannot go on fails
+    before any rank waits for another. Under torchrun the process group is created here and
+    destroyed on the way out: a gloo/NCCL group left to interpreter teardown can abort the
+    process after the work is done."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device()
+    dtype = train_dtype(cfg.dtype, device)
+    data = {name: DepthShards(LoaderConfig(outputs=tuple(outputs), crop=cfg.crop, seed=cfg.seed), rank, world)
+            for name, outputs in (("labeled", cfg.labeled), ("pseudo", cfg.pseudo))}
+    check_split(data["labeled"], "labeled")
+    check_split(data["pseudo"], "pseudo-labeled")
+    val = None
+    if cfg.val:
+        from pipelines.student.validate import open_val
+
+        val = open_val(cfg.val)
     owns_group = world > 1 and not torch.distributed.is_initialized()
     if owns_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        return _train(cfg, rank, world)
+        return _train(cfg, rank, world, device, dtype, data, val)
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int) -> list[dict]:
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, dtype: torch.dtype,
+           data: dict[str, DepthShards], val) -> list[dict]:
     from tqdm import tqdm
 
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    ck_student = run / CHECKPOINT
-    resume = (ck_student / "trainer_state.json").exists()
-    student, frozen = _load_models(cfg, device, checkpoint=str(ck_student) if resume else None)
-    opt, sched = _optimizer(cfg, student)
-    state = _restore(run, opt, sched) if resume else None
+    store = open_store(cfg.out)
+    pointer = checkpoint.latest(store)
+    with tempfile.TemporaryDirectory(prefix="depth-engine-resume-") as tmp:   # an S3 checkpoint lands here
+        where = checkpoint.fetch(store, pointer.checkpoint, Path(tmp)) if pointer else None
+        student, frozen = _load_models(cfg, device, checkpoint=str(where) if where else None)
+        opt, sched = _optimizer(cfg, student)
+        state = checkpoint.restore(where, opt, sched) if where else None
     start = state["step"] if state else 0
+    saved = (state or {}).get("streams", [])
+    if saved and len(saved) != world:
+        raise TrainSetupError(f"train-student: the checkpoint in {cfg.out} was written by {len(saved)} rank(s), "
+                              f"this run has {world}: resume with as many")
+    streams = {name: Stream(ds, name, workers=cfg.loader_workers, per_batch=cfg.batch_size,
+                            pin_memory=device.type == "cuda", state=saved[rank][name] if saved else None)
+               for name, ds in data.items()}
     # find_unused_parameters: DINOv2 keeps a mask token that depth estimation never uses.
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
-
-    def stream(outputs, key):
-        ds = DepthShards(LoaderConfig(outputs=tuple(outputs), crop=cfg.crop, seed=cfg.seed), rank, world)
-        per_rank = (state or {}).get("streams", [{}] * world)
-        saved = (per_rank[rank] if rank < len(per_rank) else {}).get(key, {"epoch": 0, "consumed": 0})
-        return _Stream(ds, saved["epoch"], saved["consumed"])
-
-    streams = {"labeled": stream(cfg.labeled, "labeled"), "pseudo": stream(cfg.pseudo, "pseudo")}
-    batches = mixed_batches(iter(streams["labeled"]), iter(streams["pseudo"]), cfg.batch_size, ratio=cfg.ratio)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + start + rank)
-    history = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or rank != 0,
-               unit="step")
-    model.train()
+    feeds = [iter(streams["labeled"]), iter(streams["pseudo"])]
+    batches = mixed_batches(*feeds, cfg.batch_size, ratio=cfg.ratio)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-    with open(run / "log.jsonl", "a") as log:
-        for step in bar:
-            if step >= end:
-                break
-            batch = next(batches)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            losses = step_losses(model, frozen, batch, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            sched.step()
-            row = {"step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}}
+    val_every = cfg.val_every or cfg.save_every
+    history, shown = [], {}
+    log = RunLog(store, start) if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or rank != 0, unit="step")
+    model.train()
+    try:
+        for step in range(start + 1, end + 1):       # the optimizer step this iteration makes
+            row = {"step": step, **_optimizer_step(cfg, model, frozen, opt, sched, batches, data, device, dtype,
+                                                   _step_generator(cfg.seed, step, rank), world)}
             history.append(row)
-            bar.set_postfix(lab=f"{row['labeled']:.3f}", unl=f"{row['unlabeled']:.3f}", feat=f"{row['feature']:.3f}")
-            if rank == 0:
-                log.write(json.dumps(row) + "\n")
-            if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, end):
-                mine = {k: s.state() for k, s in streams.items()}
+            validating = val is not None and (step % val_every == 0 or step == cfg.steps)
+            result = None
+            if validating and rank == 0:           # the other ranks go on to the gather below and wait
+                from pipelines.student.validate import validate
+
+                result = validate(student, val, cfg.crop, cfg.batch_size, device, dtype)
+                shown["val"] = f"{result['abs_rel']:.4f}" if result["abs_rel"] is not None else "-"
+            if log:
+                log.write(row)
+                if result:
+                    log.write({"step": step, "val": result})
+            shown.update(lab=f"{row['labeled']:.3f}", unl=f"{row['unlabeled']:.3f}", feat=f"{row['feature']:.3f}")
+            bar.set_postfix(shown, refresh=False)
+            bar.update()
+            if step % cfg.save_every == 0 or step in (cfg.steps, end) or validating:
+                mine = {name: ds.state_dict() for name, ds in data.items()}
                 everyone = [mine]
                 if world > 1:                 # ranks read different shards: keep each one's place
                     everyone = [None] * world
                     torch.distributed.all_gather_object(everyone, mine)
                 if rank == 0:
-                    _save(run, student, opt, sched, {"step": step + 1, "streams": everyone,
-                                                     "config": asdict(cfg)})
+                    log.sync()                # first: rows past the checkpoint are dropped on resume
+                    pointer = checkpoint.advance(pointer, step, result["abs_rel"] if result else None)
+                    checkpoint.save(store, pointer, student, opt, sched,
+                                    {"step": step, "streams": everyone, "config": asdict(cfg)})
+    finally:
+        for feed in feeds:                    # stops the DataLoader workers now, not at exit
+            feed.close()
+        bar.close()
+        if log:
+            log.close()
     return history
+
+
+def _optimizer_step(cfg: TrainConfig, model, frozen, opt, sched, batches, data: dict[str, DepthShards], device,
+                    dtype, gen: torch.Generator, world: int) -> dict:
+    """One optimizer step over cfg.accum micro-batches: their mean losses, the lr used and, with
+    clipping, the gradient norm before it. Each micro-batch's samples are marked consumed."""
+    losses = []
+    for micro in range(cfg.accum):
+        batch = next(batches)
+        on_device = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        last = micro == cfg.accum - 1
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # one all-reduce a step
+            with autocast(device, dtype):
+                out = step_losses(model, frozen, on_device, cfg, gen)
+            (out["total"] / cfg.accum).backward()
+        data["labeled"].mark_consumed(batch, where=~batch["pseudo"])
+        data["pseudo"].mark_consumed(batch, where=batch["pseudo"])
+        losses.append(torch.stack([out[k].detach().float() for k in sorted(out)]))
+    row = dict(zip(sorted(out), torch.stack(losses).mean(0).tolist()))   # one device sync per step
+    row["lr"] = opt.param_groups[0]["lr"]
+    if cfg.clip_grad:
+        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return row
