@@ -86,23 +86,36 @@ def test_a_stopped_run_resumes_where_it_stopped(setup):
     assert [r["step"] for r in log] == list(range(1, 31))
 
 
-def test_two_ranks_under_torchrun_train_and_keep_each_ranks_place(setup):
-    """DDP on CPU (gloo): what a GPU run does with torchrun --nproc_per_node N."""
-    import shutil
+def test_two_ranks_under_torchrun_stop_and_resume_with_checkpoints_on_s3(setup, s3_bucket):
+    """DDP on CPU (gloo): what a GPU run does with torchrun --nproc_per_node N, checkpointing to
+    the S3 endpoint; a stopped run resumes from S3 alone, each rank at its own place."""
     import subprocess
     import sys
 
+    from pipelines.student import checkpoint
+
     tmp, outs, student, frozen = setup
+    url = f"s3://{s3_bucket}/runs/ddp/"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "engine"]
-    p = subprocess.run([*torchrun, "train-student", "--labeled", outs["labeled"], "--pseudo", outs["pseudo"],
-                        "--student", student, "--frozen", frozen, "--out", str(tmp / "ddp"), "--steps", "6",
-                        "--crop", "56", "--lr", "1e-3", "--save-every", "3"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("step 6: total") == 1                      # rank 0 reports
-    state = json.loads((tmp / "ddp" / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and len(state["streams"]) == 2
-    shutil.rmtree(tmp / "ddp")
+    args = [*torchrun, "train-student", "--labeled", outs["labeled"], "--pseudo", outs["pseudo"],
+            "--student", student, "--frozen", frozen, "--out", url, "--steps", "6", "--crop", "56",
+            "--lr", "1e-3", "--save-every", "3", "--loader-workers", "1"]
+    store = open_store(url)
+    for stop, reported in (("3", "step 3: total"), (None, "step 6: total")):
+        p = subprocess.run(args + (["--stop-after", stop] if stop else []), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count(reported) == 1                         # rank 0 reports
+        if stop:      # mark the stopped run's log: a resume keeps rows up to its checkpoint, a restart rewrites them
+            rows = [json.loads(line) for line in store.get("log.jsonl").decode().splitlines()]
+            rows[1]["mark"] = "first run"
+            store.put("log.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    pointer = checkpoint.latest(store)
+    assert pointer.step == 6
+    state = json.loads(store.get(f"{pointer.checkpoint}/trainer_state.json"))
+    assert state["step"] == 6 and [sorted(s) for s in state["streams"]] == [["labeled", "pseudo"]] * 2
+    log = [json.loads(line) for line in store.get("log.jsonl").decode().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and log[1].get("mark") == "first run"
 
 
 def test_the_papers_student_from_dinov2_learns_and_starts_aligned(setup):
