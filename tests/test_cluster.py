@@ -148,7 +148,9 @@ def test_an_actor_killed_mid_shard_and_a_second_label_refused(env, job):
     assert second.returncode == 2 and "being labeled by another job" in second.stderr
     # Kill an actor right after the first commit: every actor then holds shards in flight.
     wait_commits(out, 1, p)
-    victims = processes("ray::LabelActor")
+    raylets = {info.process.pid for node in env.cluster.list_all_nodes()
+               for info in node.all_processes.get("raylet", [])}
+    victims = processes("ray::LabelActor", under=raylets)
     assert victims, "no actor process found"
     os.kill(victims[0], signal.SIGKILL)
     code, stdout, stderr = finish(p)
