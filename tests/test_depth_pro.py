@@ -93,10 +93,10 @@ def save_depth_pro(directory) -> str:
         scaled_images_feature_dims=[16, 16, 8], use_fov_model=True,
         image_model_config=_dinov2(), patch_model_config=_dinov2(), fov_model_config=_dinov2(),
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):   # the same weights whatever ran before in this process
         torch.manual_seed(0)
         model = DepthProForDepthEstimation(config).eval()
-    _kaiming([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
+        _kaiming([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
     last, fov_last = model.head.layers[4], model.fov_model.head.layers[-1]
     seen = {}
     hook = last.register_forward_hook(lambda m, i, o: seen.setdefault("x", o.detach()))
