@@ -107,11 +107,7 @@ def save_random_teacher(directory, *, size: str = "tiny", image_size: int = 518,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DepthAnythingForDepthEstimation(config).eval()
-        for module in [*model.neck.modules(), *model.head.modules()]:
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_decoder([*model.neck.modules(), *model.head.modules()])
     processor = DPTImageProcessor(
         size={"height": image_size, "width": image_size},
         keep_aspect_ratio=True,
@@ -240,8 +236,9 @@ FAMILY_SCALES = {
 }
 
 
-def _kaiming(modules) -> None:
-    """As save_random_teacher does: without it the random decoders give a near-constant map."""
+def init_decoder(modules) -> None:
+    """Kaiming-initialise a random depth decoder's convolutions: with the default init the random
+    decoders give a near-constant map."""
     for module in modules:
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -267,7 +264,7 @@ def _dpt(spec: FamilySpec):
     config = DPTConfig(backbone_config=_beit(spec), neck_hidden_sizes=list(spec.neck), fusion_hidden_size=spec.fusion,
                        reassemble_hidden_size=spec.hidden, is_hybrid=False)
     model = DPTForDepthEstimation(config)
-    _kaiming([*model.neck.modules(), *model.head.modules()])
+    init_decoder([*model.neck.modules(), *model.head.modules()])
     processor = DPTImageProcessorPil(
         size={"height": spec.image_size, "width": spec.image_size}, keep_aspect_ratio=True, ensure_multiple_of=32,
         resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3,
@@ -298,7 +295,7 @@ def _zoedepth(spec: FamilySpec):
         patch_transformer_num_attention_heads=2,
     )
     model = ZoeDepthForDepthEstimation(config)
-    _kaiming([m for name, m in model.named_modules() if not name.startswith("backbone")])
+    init_decoder([m for name, m in model.named_modules() if not name.startswith("backbone")])
     size = {"height": spec.image_size, "width": spec.image_size * 4 // 3}
     return model, ZoeDepthImageProcessorPil(size=size, ensure_multiple_of=32), (
         f"BEiT {spec.layers}x{spec.hidden} at {size['height']}x{size['width']}, metric bins 64")
@@ -319,9 +316,9 @@ def _depth_pro(spec: FamilySpec):
         use_fov_model=True, image_model_config=dinov2, patch_model_config=dinov2, fov_model_config=dinov2,
     )
     model = DepthProForDepthEstimation(config).eval()
-    _kaiming([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
+    init_decoder([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
     side = 4 * patch
-    _calibrate_depth_pro(model, side)
+    calibrate_depth_pro(model, torch.rand(1, 3, side, side) * 2 - 1)
     processor = {"image_processor_type": "DepthProImageProcessorFast", "do_resize": True,
                  "size": {"height": side, "width": side}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
                  "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
@@ -329,14 +326,14 @@ def _depth_pro(spec: FamilySpec):
 
 
 @torch.no_grad()
-def _calibrate_depth_pro(model, side: int) -> None:
-    """Shift the last convolutions so that, on a random image, the canonical inverse depth is
-    about 0.6 +- 0.12 (not cut to 0 by the final ReLU, so the map varies) and the field of view
-    about 60 degrees (a usable focal length): random weights give neither."""
+def calibrate_depth_pro(model, pixels: torch.Tensor) -> None:
+    """Shift the last convolutions so that, on ``pixels`` (the model's input), the canonical inverse
+    depth is about 0.6 +- 0.12 (not cut to 0 by the final ReLU, so the map varies) and the field of
+    view about 60 degrees (a usable focal length): random weights give neither."""
     last, fov_last = model.head.layers[4], model.fov_model.head.layers[-1]
     seen = {}
     hook = last.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
-    fov = model(pixel_values=torch.rand(1, 3, side, side) * 2 - 1).field_of_view
+    fov = model(pixel_values=pixels).field_of_view
     hook.remove()
     gain = 0.12 / float(seen["x"].std())
     last.weight.mul_(gain)

@@ -32,9 +32,10 @@ from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a p
 from helpers_models import pearson
 from labelers.normalize import DISPARITY, INVERSE_DEPTH
 from labelers.preprocess import DepthProSettings
+from labelers.random_models import calibrate_depth_pro, init_decoder
 from labelers.teacher import Teacher, TeacherPreprocess
 from pipelines.models import ModelSourceError, teacher_output
-from test_teacher_families import _images, _kaiming
+from test_teacher_families import _images
 from test_teacher_output import config_only
 
 SHAPES = [(120, 160), (600, 400), (90, 130), (333, 500)]  # H x W; the first four of _images()
@@ -96,18 +97,8 @@ def save_depth_pro(directory) -> str:
     with torch.random.fork_rng(devices=[]):   # the same weights whatever ran before in this process
         torch.manual_seed(0)
         model = DepthProForDepthEstimation(config).eval()
-        _kaiming([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
-    last, fov_last = model.head.layers[4], model.fov_model.head.layers[-1]
-    seen = {}
-    hook = last.register_forward_hook(lambda m, i, o: seen.setdefault("x", o.detach()))
-    with torch.no_grad():
-        fov = model(pixel_values=torch.stack([reference_pixels(im) for im in _images()])).field_of_view
-        hook.remove()
-        gain = 0.12 / float(seen["x"].std())
-        last.weight.mul_(gain)
-        last.bias.mul_(gain).add_(0.6 - float(seen["x"].mean()) * gain)
-        fov_last.weight.mul_(5)
-        fov_last.bias.mul_(5).add_(60 - 5 * float(fov.mean()))
+        init_decoder([*model.fusion_stage.modules(), *model.head.modules(), *model.fov_model.head.modules()])
+    calibrate_depth_pro(model, torch.stack([reference_pixels(im) for im in _images()]))
     model.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
     return str(directory)

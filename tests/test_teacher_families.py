@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
-from torch import nn
 
 from labelers.geometry import dpt_input_size
+from labelers.random_models import init_decoder
 from labelers.teacher import Teacher, TeacherPreprocess
 from tests.helpers_models import pearson
 
@@ -40,15 +40,6 @@ def _images() -> list[np.ndarray]:
         out.append(np.asarray(Image.fromarray(src).resize((w, h), Image.BILINEAR)))
     out[2] = np.ascontiguousarray(skdata.chelsea()[100:190, 200:330])  # an unresized crop
     return out
-
-
-def _kaiming(modules) -> None:
-    """As labelers.random_models does: without it the random decoders give a near-constant map."""
-    for module in modules:
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 def _beit(image_size: int):
@@ -66,7 +57,7 @@ def _dpt(config, keep_aspect: bool, multiple: int):
     from transformers import DPTForDepthEstimation, DPTImageProcessorPil
 
     model = DPTForDepthEstimation(config)
-    _kaiming([*model.neck.modules(), *model.head.modules()])
+    init_decoder([*model.neck.modules(), *model.head.modules()])
     processor = DPTImageProcessorPil(
         size={"height": 384, "width": 384}, keep_aspect_ratio=keep_aspect, ensure_multiple_of=multiple, resample=3,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
@@ -116,7 +107,7 @@ def _zoedepth(multiple):
         patch_transformer_num_attention_heads=2,
     )
     model = ZoeDepthForDepthEstimation(config)
-    _kaiming([m for name, m in model.named_modules() if not name.startswith("backbone")])
+    init_decoder([m for name, m in model.named_modules() if not name.startswith("backbone")])
     return model, ZoeDepthImageProcessorPil(ensure_multiple_of=multiple)
 
 
