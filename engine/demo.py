@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from engine.config import LabelConfig
-from pipelines.models import ModelSourceError, cache_root, resolve
+from engine.models import ModelSourceError, cache_root, resolve
 
 DEMO_TEACHER = "depth-anything/Depth-Anything-V2-Small-hf"
 DEMO_SKY = "nvidia/segformer-b0-finetuned-ade-512-512"
@@ -86,7 +86,7 @@ def demo_models() -> tuple[str, str, bool]:
 
 
 def run_demo(output: str, *, as_json: bool = False) -> int:
-    from engine.progress import print_summary
+    from engine.cli.printing import print_summary
     from engine.label import label
 
     out = Path(output).resolve()

@@ -11,17 +11,18 @@ from dataclasses import dataclass
 
 from engine import job
 from engine.config import ConfigError, check_resources, check_teacher_output
-from engine.executor import Scheduler
 from engine.inputs import InputError, expand
 from engine.label import actor_layout, resolve_teacher, start_ray
+from engine.models import ModelSourceError
 from engine.progress import ProgressBar
+from engine.runtime.scheduler import Scheduler
 from labelers.ground_truth import GroundTruthRule
-from pipelines.evaluate import ShardEvaluation, summarize
 from labelers.plugins import PluginError
-from pipelines.models import ModelSourceError
-from pipelines.pseudo_label import ShardTask
+from pipelines.evaluate import ShardEvaluation, summarize
+from pipelines.tasks import ShardTask
 from storage import layout
-from storage.objectstore import StorageError, open_store
+from storage.objectstore import StorageError
+from storage.stores import open_store
 
 # The paper's zero-shot figures (Depth Anything ViT-L, Table 2) to read a result against.
 PAPER = {"KITTI": {"abs_rel": 0.076, "delta1": 0.947}, "NYUv2": {"abs_rel": 0.043, "delta1": 0.981}}
@@ -82,7 +83,7 @@ def source_shards(spec: str) -> Source:
 
 def evaluate(config: EvalConfig) -> dict:
     """The report ``depth-engine evaluate --json`` prints: aggregates, then one row per sample."""
-    from engine.worker import EvalActor, WorkerSpec
+    from engine.runtime.actors import EvalActor, WorkerSpec
 
     t0 = time.time()
     source = source_shards(config.source)

@@ -16,7 +16,8 @@ import os
 from braceexpand import braceexpand
 
 from storage import layout
-from storage.objectstore import InvalidURL, is_s3, local_path, locate, open_store
+from storage.objectstore import InvalidURL, is_s3, local_path
+from storage.stores import locate, open_store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

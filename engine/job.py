@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from engine.config import ConfigError, LabelConfig
+from engine.models import ModelRef
 from labelers.normalize import DISPARITY
-from pipelines.models import ModelRef
 from storage import layout
 from storage.objectstore import ObjectStore
 

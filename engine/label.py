@@ -7,29 +7,38 @@ failure markers, summarise.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import ray
 
-from engine import job, plan as planning
+from engine import job
+from engine import plan as planning
 from engine.config import ConfigError, LabelConfig
-from engine.executor import Scheduler
 from engine.inputs import expand
 from engine.lock import JobLock
+from engine.models import (
+    DEPTH,
+    OUTPUT_DISPARITY,
+    SEGMENTATION,
+    ModelRef,
+    check_task,
+    id2label,
+    model_config,
+    resolve,
+    teacher_output_of,
+)
 from engine.progress import ProgressBar
-from engine.worker import LabelActor, WorkerSpec
+from engine.runtime.actors import LabelActor, WorkerSpec
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.session import actor_layout, start_ray
 from labelers.normalize import METRIC_OUTPUTS
 from labelers.plugins import PluginError, PluginRef, is_plugin
 from labelers.plugins import find as find_plugin
-from pipelines.models import (
-    DEPTH, OUTPUT_DISPARITY, SEGMENTATION, ModelRef, check_task, id2label,
-    model_config, resolve, teacher_output_of,
-)
-from pipelines.pseudo_label import ShardResult, ShardTask
+from pipelines.pseudo_label import ShardResult
+from pipelines.tasks import ShardTask
 from storage import layout
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 @dataclass
@@ -103,48 +112,6 @@ def check_sky_model(ref: ModelRef) -> None:
     if not sky_class_ids(id2label(ref)):
         raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "
                           "pass a segmentation model with a sky class, or --sky none")
-
-
-def start_ray(config: LabelConfig) -> bool:
-    """Attach to ``--ray-address`` (or RAY_ADDRESS, which a Ray job sets) or start a local
-    Ray; True when we started it."""
-    if ray.is_initialized():
-        return False
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")   # set inside a Ray job
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             configure_logging=False, num_cpus=os.cpu_count())
-    return True
-
-
-@dataclass(frozen=True)
-class Layout:
-    actors: int
-    options: dict            # Ray actor options
-    device: str
-    torch_threads: int | None
-    codec_threads: int       # decode/encode threads per actor
-
-
-def actor_layout(config) -> Layout:
-    """One actor per GPU, or ``--workers`` CPU actors sharing the CPUs.
-
-    On GPUs the decode/encode threads get the node's CPUs per GPU (at least ``config.threads``):
-    JPEG decode and PNG encode cost about 22 ms of CPU per 0.36 MP image
-    (docs/BENCHMARKS.md), so a GPU labeling hundreds of images/s needs several cores.
-    """
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
-    if config.device == "cuda" and not gpus:
-        raise ConfigError("--device cuda, but the Ray cluster has no GPU")
-    if gpus and config.device != "cpu":
-        return Layout(gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None, max(config.threads, cpus // gpus))
-    n = config.workers or 1
-    per = max(1, cpus // n)
-    return Layout(n, {"num_cpus": per}, "cpu", per, config.threads)
 
 
 def label(config: LabelConfig) -> Summary:

@@ -1,7 +1,6 @@
 """The terminal progress bar: shards, images, images/s, ETA, errors (on stderr)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -49,22 +48,3 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def print_summary(s: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(s, indent=2))
-        return
-    print(f"shards: {s['shards_committed']} committed now, {s['shards_skipped']} already committed, "
-          f"{s['shards_failed']} failed, of {s['shards_total']}")
-    print(f"samples: {s['samples_ok']} ok, {s['samples_error']} error")
-    print(f"{s['wall_seconds']:.1f} s ({s.get('startup_seconds', 0):.1f} s start-up), "
-          f"{s['images_per_second']:.2f} images/s, "
-          f"models busy {100 * s['model_busy_fraction']:.0f}% of actor time "
-          f"({s['workers']} worker(s) on {s['device'] or 'n/a'})"
-          + (f", GPU {s['gpu_utilization']:.0f}% busy" if s.get("gpu_utilization") is not None else ""))
-    stages = s.get("stage_seconds") or {}
-    if stages:
-        print("worker time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
-    if s["failed_shards"]:
-        print(f"failed: {', '.join(s['failed_shards'])} (see OUTPUT/failed/; rerun with --retry-failed)")

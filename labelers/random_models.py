@@ -130,7 +130,11 @@ def save_random_segmenter(
 
     sky=False names no class 'sky' (a model the engine must refuse).
     """
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+    from transformers import (
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
 
     spec = _choose(SEGMENTER_SIZES, size, "segmenter")
     count = SEGMENTER_CLASSES[size]
@@ -284,7 +288,11 @@ def _glpn(spec: FamilySpec):
 
 def _zoedepth(spec: FamilySpec):
     """Intel/zoedepth-nyu's layout: DPT on BEiT with the metric-bins head; reflect padding."""
-    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation, ZoeDepthImageProcessorPil
+    from transformers import (
+        ZoeDepthConfig,
+        ZoeDepthForDepthEstimation,
+        ZoeDepthImageProcessorPil,
+    )
 
     config = ZoeDepthConfig(
         backbone_config=_beit(spec), neck_hidden_sizes=list(spec.neck), fusion_hidden_size=spec.fusion,

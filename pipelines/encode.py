@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from labelers.normalize import METRIC_OUTPUTS, NormalizedDisparity, normalize_disparity, normalize_output, to_depth
+from labelers.normalize import (
+    METRIC_OUTPUTS,
+    NormalizedDisparity,
+    normalize_disparity,
+    normalize_output,
+    to_depth,
+)
 from pipelines.sample import Sample
 
 # zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.

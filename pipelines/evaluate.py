@@ -18,15 +18,20 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from labelers.ground_truth import GroundTruth, GroundTruthError, GroundTruthRule, decode_ground_truth
+from labelers.ground_truth import (
+    GroundTruth,
+    GroundTruthError,
+    GroundTruthRule,
+    decode_ground_truth,
+)
 from labelers.normalize import DISPARITY, to_disparity
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import decode, sample_from_members
 from pipelines.metrics import SampleMetrics, evaluate_disparity, mean_metrics
-from pipelines.pseudo_label import Progress, ShardTask
 from pipelines.sample import Sample
-from storage.objectstore import locate
+from pipelines.tasks import Progress, ShardTask
 from storage.shards import iter_tar_samples
+from storage.stores import locate
 
 
 @dataclass

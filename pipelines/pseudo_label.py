@@ -25,14 +25,21 @@ from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, PixelBudget, prefetch_map
-from pipelines.decode import SampleLimits, decode, decode_labeled, probe, sample_from_members
+from pipelines.decode import (
+    SampleLimits,
+    decode,
+    decode_labeled,
+    probe,
+    sample_from_members,
+)
 from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
+from pipelines.tasks import Progress, ShardTask
 from storage import layout
 from storage.manifest import encode_part
-from storage.objectstore import ObjectStore, locate
+from storage.objectstore import ObjectStore
 from storage.shards import TarShardWriter, iter_tar_samples
-
+from storage.stores import locate
 
 GROUND_TRUTH = "ground-truth"   # the manifest's `teacher` of a ground-truth conversion
 
@@ -79,13 +86,6 @@ class Labelers:
         return self.teacher.target_size(sample.height, sample.width) if self.teacher else None
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    source: str        # input shard URL
-    name: str          # output name (layout.shard_name(source))
-    attempt: int = 1
-
-
 @dataclass
 class ShardResult:
     """What one shard attempt did: the counters the engine sums for its summary."""
@@ -105,16 +105,6 @@ class ShardResult:
     gpu_utilization: float | None = None   # mean sampled GPU utilization (%), filled in by the worker
     s3_requests: dict = field(default_factory=dict)   # by operation, filled in by the worker
     committed: bool = True         # False: another attempt had committed the shard already
-
-
-@dataclass
-class Progress:
-    """Live counters of the shard in flight, read by the engine's progress bar."""
-
-    samples: int = 0
-    errors: int = 0
-    model_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def label_batch(batch: list[Sample], labelers: Labelers) -> float:

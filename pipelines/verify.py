@@ -20,7 +20,8 @@ from PIL import Image
 from pipelines.concurrency import prefetch_map
 from storage import layout
 from storage.manifest import decode_part
-from storage.objectstore import ObjectNotFound, ObjectStore, open_store
+from storage.objectstore import ObjectNotFound, ObjectStore
+from storage.stores import open_store
 
 DEFAULT_WORKERS = 8
 CHUNK = 1024 * 1024  # read size inside a member, and tarfile's stream buffer

@@ -201,32 +201,3 @@ def _object_key(url: str, key: str) -> str:
         return check_key(key)
     except ValueError as e:
         raise InvalidURL(f"{url!r} names no object: {e}") from None
-
-
-def open_store(url: str) -> ObjectStore:
-    """A store rooted at `url`; local roots are made absolute and created on first write."""
-    # Backends are imported here: objectstore must not import boto3 for a local run.
-    if is_s3(url):
-        from .s3 import S3Store
-
-        bucket, prefix = _split_s3(url)
-        return S3Store(bucket).child(prefix)
-    from .local import LocalStore
-
-    return LocalStore(local_path(url))
-
-
-def locate(url: str) -> tuple[ObjectStore, str]:
-    """The store holding one object, and the object's key in it."""
-    if is_s3(url):
-        from .s3 import S3Store
-
-        bucket, key = _split_s3(url)
-        return S3Store(bucket), _object_key(url, key)
-    from .local import LocalStore
-
-    if url.endswith("/"):
-        raise InvalidURL(f"{url!r} names a directory, not an object")
-    path = local_path(url)
-    parent, name = os.path.split(path)
-    return LocalStore(parent), _object_key(url, name)

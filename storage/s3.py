@@ -12,8 +12,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
-from .objectstore import ObjectInfo, ObjectNotFound, StorageError, WriterBase, check_key, check_prefix
-from .s3_client import MAX_ATTEMPTS, arrow_s3_options, call, client, error_code, storage_error
+from .objectstore import (
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    WriterBase,
+    check_key,
+    check_prefix,
+)
+from .s3_client import (
+    MAX_ATTEMPTS,
+    arrow_s3_options,
+    call,
+    client,
+    error_code,
+    storage_error,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs

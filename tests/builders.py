@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from engine.synthetic import scene
+from engine.bench.synthetic import scene
 
 
 def encode(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:

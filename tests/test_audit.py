@@ -10,15 +10,16 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-
 from builders import bad_members, encode, photo_samples, write_shard
+
 from labelers.prediction import Prediction
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.audit import audit
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.tasks import ShardTask
 from storage import layout
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,6 @@ def test_confidence_histogram_and_low_confidence_flag(tmp_path):
     low = r["flags"]["samples"]["low_confidence"]
     assert low["count"] == int((conf < 0.5).sum()) == 3
     assert {f["key"] for f in low["samples"]} == {x["key"] for x in rows if x["conf_mean"] < 0.5}
-    from pipelines.audit_html import render
+    from engine.cli.audit_html import render
 
     assert "mean confidence (conf_mean)" in render(r, out)

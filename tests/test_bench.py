@@ -7,7 +7,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 
 TINY = ["--teacher-size", "tiny", "--image-size", "56", "--sky-size", "tiny", "--sky-image-size", "64",
@@ -92,7 +91,7 @@ def test_bench_aspects_times_the_teacher_per_ratio(tmp_path):
 def test_bench_teachers_puts_each_family_beside_transformers(tmp_path, capsys):
     """In-process, tiny models, two photos: every family has the engine's rate; where transformers
     could run the family's reference, the ratios are the rates' and the maps agree."""
-    from engine.bench_teachers import print_teachers, teacher_figures
+    from engine.bench.teachers import print_teachers, teacher_figures
     from labelers.geometry import FAMILIES
 
     r = teacher_figures(tmp_path, images=2, repeats=1, scale="tiny")
@@ -118,7 +117,7 @@ def test_bench_teachers_puts_each_family_beside_transformers(tmp_path, capsys):
 def test_bench_train_puts_the_trainer_beside_its_model_step(tmp_path, capsys):
     """In-process, a tiny student: both figures, their ratio, and runs of the lengths asked for."""
     from engine.bench import print_report
-    from engine.bench_train import TrainBench, train_figures
+    from engine.bench.train import TrainBench, train_figures
     from engine.cli import build_parser
 
     bench = TrainBench(hidden=32, heads=2, layers=4, crop=56, shards=2, per_shard=6, sizes=((60, 80), (80, 60)),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench_scale import synthetic_manifest
+from engine.bench.scale import synthetic_manifest
 from storage import layout
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 ROWS = 300
 

@@ -15,9 +15,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import pyarrow.parquet as pq
-
+import pytest
 from builders import photo_samples, write_shard
 from faulty_s3 import FaultyS3
 from helpers_output import check_agreement, list_objects, processes, read

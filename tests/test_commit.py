@@ -9,7 +9,7 @@ import pytest
 from pipelines.commit import ClaimPolicy, ShardConflict, commit_shard
 from storage import layout
 from storage.leases import LeaseHeld, LeaseLost, acquire, current
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 class Clock:

@@ -10,13 +10,13 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from skimage import data as skdata
-
 from builders import write_shard
-from engine.evaluate import print_report
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import reference_metrics, reference_prediction
 from scenes import npy, png, render, with_invalid
+from skimage import data as skdata
+
+from engine.evaluate import print_report
 
 
 def scene_shards(directory: Path) -> list[str]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers_models import natural_photos, pearson
+
 from labelers.devices import GpuSampler, upload
 from labelers.sky import SkySegmenter, sky_from_logits
 from labelers.teacher import Teacher

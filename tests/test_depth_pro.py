@@ -25,18 +25,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
-
 from builders import encode, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import pearson
+from PIL import Image
+from test_teacher_families import _images
+from test_teacher_output import config_only
+
+from engine.models import ModelSourceError, teacher_output
 from labelers.normalize import DISPARITY, INVERSE_DEPTH
 from labelers.preprocess import DepthProSettings
 from labelers.random_models import calibrate_depth_pro, init_decoder
 from labelers.teacher import Teacher, TeacherPreprocess
-from pipelines.models import ModelSourceError, teacher_output
-from test_teacher_families import _images
-from test_teacher_output import config_only
 
 SHAPES = [(120, 160), (600, 400), (90, 130), (333, 500)]  # H x W; the first four of _images()
 SIZE = 64  # the tiny model's input: its patch size (16) over the smallest scale (0.25)

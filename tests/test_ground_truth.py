@@ -8,20 +8,27 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from builders import write_shard
 from helpers_models import reference_metrics
+from PIL import Image
+from scenes import ExactTeacher, exr, npy, pfm, png, render, with_invalid
+
+from labelers.ground_truth import (
+    GroundTruthError,
+    GroundTruthRule,
+    decode_ground_truth,
+    find_member,
+    read_values,
+    to_disparity,
+)
 from labelers.prediction import Prediction
-from labelers.ground_truth import (GroundTruthError, GroundTruthRule, decode_ground_truth, find_member,
-                                   read_values, to_disparity)
 from pipelines.audit import audit
 from pipelines.evaluate import evaluate_shard, summarize
 from pipelines.metrics import align_scale_shift, evaluate_disparity
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
-from scenes import ExactTeacher, exr, npy, pfm, png, render, with_invalid
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.tasks import ShardTask
 from storage.manifest import dataset
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 def png16(a: np.ndarray) -> bytes:

@@ -13,15 +13,22 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from builders import photo_samples, write_shard
-from engine.inputs import InputError, expand
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
-from pipelines.models import (
-    DEPTH, SEGMENTATION, ModelRef, ModelSourceError, check_task, resolve, safe_relative_path,
+
+from engine.inputs import InputError, expand
+from engine.models import (
+    DEPTH,
+    SEGMENTATION,
+    ModelRef,
+    ModelSourceError,
+    check_task,
+    resolve,
+    safe_relative_path,
 )
 from storage.layout import check_shard_name
-from storage.objectstore import InvalidURL, StorageError, open_store, redact
+from storage.objectstore import InvalidURL, StorageError, redact
+from storage.stores import open_store
 
 
 def refused(*argv, output: Path | None = None, env: dict | None = None) -> str:
@@ -157,7 +164,7 @@ def test_pure_relative_path_rule():
 
 
 def test_second_guard_resolves_the_destination(tmp_path):
-    from pipelines.models import _inside
+    from engine.models import _inside
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()

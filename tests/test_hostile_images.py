@@ -8,10 +8,10 @@ import threading
 
 import numpy as np
 import pytest
+from builders import encode
 from PIL import Image
 
-from builders import encode
-from engine.synthetic import lying_jpeg, scene
+from engine.bench.synthetic import lying_jpeg, scene
 from pipelines.concurrency import Bucketer, PixelBudget
 from pipelines.decode import DecodeError, SampleLimits, decode_image, probe_image
 from pipelines.encode import MAX_INPUT_JSON_DEPTH, carried_metadata

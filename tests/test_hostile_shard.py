@@ -14,11 +14,11 @@ import boto3
 import pyarrow.dataset as ds
 import pytest
 import webdataset as wds
-
 from builders import encode
-from engine.synthetic import lying_jpeg, scene, sparse_member, tar_member
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from test_hostile_images import cut_jpeg
+
+from engine.bench.synthetic import lying_jpeg, scene, sparse_member, tar_member
 
 LIMITS = ["--max-image-pixels", "200000", "--max-member-bytes", "300000"]
 OK = {"good0", "good1", "good2", "deepjson", "nanjson"}
@@ -118,10 +118,11 @@ def test_hostile_shard_on_s3(s3_bucket, tiny_models):
     from labelers.sky import SkySegmenter
     from labelers.teacher import Teacher
     from pipelines.decode import SampleLimits
-    from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+    from pipelines.pseudo_label import Labelers, label_shard
+    from pipelines.tasks import ShardTask
     from storage import layout
     from storage.manifest import decode_part
-    from storage.objectstore import open_store
+    from storage.stores import open_store
 
     s3 = boto3.client("s3")
     s3.put_object(Bucket=s3_bucket, Key="in/hostile-000000.tar", Body=hostile_tar())
@@ -138,7 +139,7 @@ def test_hostile_shard_on_s3(s3_bucket, tiny_models):
 def test_the_bench_hostile_shard_is_refused_sample_by_sample(tmp_path):
     """The benchmark's shard (lying headers, 1 GiB sparse members, 10x10000) in-process with
     ground truth off: every sample is an error row, nothing expanded."""
-    from engine.synthetic import write_hostile_shard
+    from engine.bench.synthetic import write_hostile_shard
     from pipelines.decode import decode, probe, sample_from_members
     from storage.shards import iter_tar_samples
 

@@ -13,16 +13,16 @@ import json
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
-
 from builders import photo_samples, write_shard
-from engine.config import ConfigError, LabelConfig
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import pearson, reference_prediction
+from PIL import Image
+from test_teacher_output import save_metric_teacher
+
+from engine.config import ConfigError, LabelConfig
 from labelers.ground_truth import GroundTruthRule
 from pipelines.encode import depth_png, read_depth_png
 from pipelines.student.loader import DepthShards, LoaderConfig
-from test_teacher_output import save_metric_teacher
 
 SIZES = [(64, 96), (96, 64), (64, 64), (80, 64)]   # shorter side 64: a 64 crop is not resized
 HALF_STEP = 1 / 512                                 # rounding to 1/256 m

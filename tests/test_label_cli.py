@@ -17,11 +17,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 import webdataset as wds
-from PIL import Image
-
 from builders import bad_members, photo_samples, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
-from pipelines.models import resolve
+from PIL import Image
+
+from engine.models import resolve
 
 
 def make_inputs(directory: Path) -> list[str]:

@@ -13,9 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data as skdata
-
 from helpers_models import (
     blue_sky_scene,
     iou,
@@ -25,13 +22,21 @@ from helpers_models import (
     reference_prediction,
     reference_sky,
 )
+from PIL import Image
+from skimage import data as skdata
+
 from labelers import sky as sky_module
 from labelers.devices import autocast, resolve_device, resolve_dtype
 from labelers.geometry import constrain_to_multiple, teacher_input_size
 from labelers.loading import NoSafetensorsError
 from labelers.normalize import normalize_disparity
 from labelers.preprocess import ImagePreprocess
-from labelers.random_models import SKY_ID, save_random_segmenter, save_random_teacher, teacher_config
+from labelers.random_models import (
+    SKY_ID,
+    save_random_segmenter,
+    save_random_teacher,
+    teacher_config,
+)
 from labelers.sky import NoSkyClassError, SkySegmenter, sky_from_logits
 from labelers.teacher import Teacher, TeacherPreprocess
 

@@ -11,17 +11,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from builders import bad_members, odd_members, photo_samples, write_shard
+from helpers_models import iou, pearson, reference_prediction, reference_sky
 from PIL import Image
 
-from builders import bad_members, odd_members, photo_samples, write_shard
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import DecodeError, decode_image
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
-from helpers_models import iou, pearson, reference_prediction, reference_sky
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.tasks import ShardTask
 from storage import layout
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,11 @@ def test_prefetch_map_keeps_order_and_surfaces_errors_in_place():
 
 def reference_models(tiny_models):
     """SPEC §5 computed apart from the engine, with the models' own classes and processors."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForDepthEstimation,
+        AutoModelForSemanticSegmentation,
+    )
 
     t = AutoModelForDepthEstimation.from_pretrained(tiny_models.teacher).eval()
     tp = AutoImageProcessor.from_pretrained(tiny_models.teacher)

@@ -27,16 +27,15 @@ import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
 from storage.local import LocalStore
-from storage.objectstore import (
-    ObjectInfo,
-    ObjectNotFound,
-    StorageError,
-    is_s3,
-    locate,
-    open_store,
-)
+from storage.objectstore import ObjectInfo, ObjectNotFound, StorageError, is_s3
 from storage.s3 import PART_SIZE, S3Store
-from storage.shards import MemberRecord, ShardFormatError, TarShardWriter, iter_tar_samples
+from storage.shards import (
+    MemberRecord,
+    ShardFormatError,
+    TarShardWriter,
+    iter_tar_samples,
+)
+from storage.stores import locate, open_store
 
 MiB = 1024 * 1024
 

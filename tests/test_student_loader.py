@@ -15,15 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from builders import bad_members, photo_samples, write_shard
 from PIL import Image
 
-from builders import bad_members, photo_samples, write_shard
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
-from pipelines.student.loader import DepthShards, LoaderConfig, mixed_batches, training_transform
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.student.loader import (
+    DepthShards,
+    LoaderConfig,
+    mixed_batches,
+    training_transform,
+)
+from pipelines.tasks import ShardTask
 from storage.manifest import encode_part
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 CROP = 16  # small crops keep the tests fast; one test uses the default 518
 
@@ -441,8 +447,9 @@ def test_loader_reads_an_output_written_by_the_label_command(tmp_path, tiny_mode
     import sys
 
     import pyarrow.dataset as pads
+    from builders import photo_samples as _photos
+    from builders import write_shard as _write
 
-    from builders import photo_samples as _photos, write_shard as _write
     from pipelines.student.loader import DepthShards, LoaderConfig
 
     raw = tmp_path / "raw"

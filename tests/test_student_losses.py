@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.student.losses import (EPS, affine_invariant_loss, cutmix_loss,
-                                      feature_alignment_loss, scale_shift_normalize)
-
+from pipelines.student.losses import (
+    EPS,
+    affine_invariant_loss,
+    cutmix_loss,
+    feature_alignment_loss,
+    scale_shift_normalize,
+)
 
 # ---- independent references ---------------------------------------------------------------
 

@@ -10,9 +10,18 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from pipelines.student.perturb import (CutMix, StrongAugment, adjust_brightness, adjust_contrast,
-                                       adjust_hue, adjust_saturation, gaussian_blur, grayscale,
-                                       hsv_to_rgb, rgb_to_hsv)
+from pipelines.student.perturb import (
+    CutMix,
+    StrongAugment,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    grayscale,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
 
 OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 

@@ -12,12 +12,23 @@ import pytest
 import torch
 
 from labelers.random_models import TEACHER_SIZES
-from pipelines.student.model import PAPER_HEADS, from_dinov2, frozen_features, head_for, student_features
+from pipelines.student.model import (
+    PAPER_HEADS,
+    from_dinov2,
+    frozen_features,
+    head_for,
+    student_features,
+)
 from pipelines.student.train import TrainConfig, step_losses
 
 
 def save_dinov2(directory, layers: int = 4, registers: int = 0, seed: int = 0):
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     kind = (Dinov2WithRegistersConfig, Dinov2WithRegistersModel) if registers else (Dinov2Config, Dinov2Model)
     extra = {"num_register_tokens": registers} if registers else {}

@@ -97,7 +97,11 @@ def _glpn():
 
 def _zoedepth(multiple):
     """ZoeDepth on a tiny BEiT; the processor pads (reflect) and keeps the aspect ratio."""
-    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation, ZoeDepthImageProcessorPil
+    from transformers import (
+        ZoeDepthConfig,
+        ZoeDepthForDepthEstimation,
+        ZoeDepthImageProcessorPil,
+    )
 
     config = ZoeDepthConfig(
         backbone_config=_beit(384), neck_hidden_sizes=[8, 16, 16, 16], fusion_hidden_size=16,

@@ -23,14 +23,19 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-
 from builders import encode, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import pearson
+from PIL import Image
+from test_teacher_families import (
+    _dpt_beit,
+    _glpn,
+    _images,
+    _zoedepth,
+    torchvision_resize_stand_in,  # noqa: F401 - a fixture, used below
+)
+
 from labelers.normalize import DEPTH, DISPARITY
-from test_teacher_families import _dpt_beit, _glpn, _images, _zoedepth
-from test_teacher_families import torchvision_resize_stand_in  # noqa: F401 - a fixture, used below
 
 SHAPES = [(120, 160), (600, 400), (90, 130), (333, 500)]  # H x W; the first four of _images()
 

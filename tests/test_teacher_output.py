@@ -16,17 +16,24 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-
 from builders import photo_samples, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import iou, pearson, reference_prediction, reference_sky
-from labelers.normalize import DEPTH, DISPARITY, INVERSE_DEPTH, normalize_disparity, normalize_output, to_disparity
+from PIL import Image
+from scenes import ExactTeacher, npy, png, render, with_invalid
+
+from engine.models import ModelSourceError, teacher_output
+from labelers.normalize import (
+    DEPTH,
+    DISPARITY,
+    INVERSE_DEPTH,
+    normalize_disparity,
+    normalize_output,
+    to_disparity,
+)
 from labelers.prediction import Prediction
 from pipelines.evaluate import evaluate_shard, summarize
-from pipelines.models import ModelSourceError, teacher_output
-from pipelines.pseudo_label import ShardTask
-from scenes import ExactTeacher, npy, png, render, with_invalid
+from pipelines.tasks import ShardTask
 
 SIZES = [(120, 160), (90, 130), (200, 200), (64, 96), (121, 161)]
 
@@ -96,7 +103,11 @@ def reference_label(teacher: str, sky_model: str, kind: str):
     """The label definition apart from the engine: predicted_depth at the engine's input size
     (helpers_models), 1/depth for a depth teacher, the sky model's own processor, min-max over
     non-sky valid pixels. Returns rgb -> (label, used pixels, sky, the model's raw output)."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForDepthEstimation,
+        AutoModelForSemanticSegmentation,
+    )
 
     t = AutoModelForDepthEstimation.from_pretrained(teacher).eval()
     tp = AutoImageProcessor.from_pretrained(teacher)

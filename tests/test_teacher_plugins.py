@@ -20,14 +20,14 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import webdataset as wds
-from PIL import Image
-
 from builders import encode, write_shard
 from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a private model cache
 from helpers_models import pearson
+from PIL import Image
+from test_teacher_families import _images
+
 from labelers import plugins
 from labelers.prediction import Prediction
-from test_teacher_families import _images
 
 SITE = Path(__file__).parent / "plugin_site"
 SHAPES = [(120, 160), (600, 400), (90, 130), (333, 500), (330, 500)]  # the last two share a target size
@@ -112,7 +112,7 @@ def test_plugin_labels_a_shard_on_ray_with_its_confidence_and_field_of_view(site
         assert rows[key]["output_min"] == pytest.approx(depth.min(), rel=1e-5)
 
     from pipelines.verify import verify
-    from storage.objectstore import open_store
+    from storage.stores import open_store
 
     checked = verify(open_store(str(out)))                      # conf.png is checked like the other label PNGs
     assert (checked.checked, checked.bad) == (1, ())

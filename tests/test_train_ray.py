@@ -9,9 +9,16 @@ from dataclasses import replace
 
 import pytest
 import ray
-
-from pipelines.student.on_ray import Layout, RayScaling, WorkerFailed, _one_line, layout, train_on_ray
 from test_train_student import cfg, setup  # noqa: F401 - the module fixture: tiny OUTPUTs and models
+
+from pipelines.student.on_ray import (
+    Layout,
+    RayScaling,
+    WorkerFailed,
+    _one_line,
+    layout,
+    train_on_ray,
+)
 
 CPU_NODE = {"CPU": 8.0}
 GPU_NODE = {"CPU": 7.0, "GPU": 1.0}

@@ -6,15 +6,16 @@ import json
 
 import numpy as np
 import pytest
-
 from builders import photo_samples, write_shard
+from scenes import npy, png, render, with_invalid
+
 from labelers.ground_truth import GroundTruthRule
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+from pipelines.pseudo_label import Labelers, label_shard
 from pipelines.student.train import TrainConfig, train
-from scenes import npy, png, render, with_invalid
-from storage.objectstore import open_store
+from pipelines.tasks import ShardTask
+from storage.stores import open_store
 
 
 def scene_samples(sizes, prefix: str, seed: int) -> list[dict]:

@@ -16,15 +16,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from builders import write_shard
+from scenes import npy, png, render, with_invalid
 
 import pipelines.student.train as train_module
-from builders import write_shard
 from labelers.ground_truth import GroundTruthRule
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+from pipelines.pseudo_label import Labelers, label_shard
 from pipelines.student import checkpoint
 from pipelines.student.train import TrainConfig, train
-from scenes import npy, png, render, with_invalid
-from storage.objectstore import open_store
+from pipelines.tasks import ShardTask
+from storage.stores import open_store
 
 VAL_MAX_DEPTH = 6.0   # the val OUTPUT's --max-depth: the far part of each plane is invalid
 

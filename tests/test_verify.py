@@ -11,15 +11,17 @@ import sys
 import tarfile
 
 import pytest
-
 from builders import bad_members, photo_samples, write_shard
+
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
-from pipelines.pseudo_label import Labelers, ShardTask, label_shard
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.tasks import ShardTask
 from pipelines.verify import verify
 from storage import layout
 from storage.manifest import decode_part, encode_part
-from storage.objectstore import ObjectStore, open_store
+from storage.objectstore import ObjectStore
+from storage.stores import open_store
 
 NAMES = ["shard-000000", "shard-000001", "shard-000002"]
 

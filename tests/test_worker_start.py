@@ -3,14 +3,14 @@ constructor's exception is printed, and after a few start failures in a row the 
 stops with that cause instead of restarting workers until a half-hour timeout."""
 from __future__ import annotations
 
-import ray
 import pytest
+import ray
 
 from engine.errors import ConfigError, WorkerStartError
-from engine.executor import START_FAILURES, Scheduler
-from engine.worker import LabelActor, WorkerSpec
-from pipelines.models import resolve
-from pipelines.pseudo_label import ShardTask
+from engine.models import resolve
+from engine.runtime.actors import LabelActor, WorkerSpec
+from engine.runtime.scheduler import START_FAILURES, Scheduler
+from pipelines.tasks import ShardTask
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,12 @@
 Kept apart from the engine: it needs only torch, so a training job imports it without Ray or the
 object stores.
 """
-from pipelines.student.losses import (affine_invariant_loss, cutmix_loss,
-                                      feature_alignment_loss, scale_shift_normalize)
+from pipelines.student.losses import (
+                                      affine_invariant_loss,
+                                      cutmix_loss,
+                                      feature_alignment_loss,
+                                      scale_shift_normalize,
+)
 from pipelines.student.perturb import CutMix, CutMixResult, StrongAugment
 
 __all__ = ["CutMix", "CutMixResult", "StrongAugment", "affine_invariant_loss", "cutmix_loss",

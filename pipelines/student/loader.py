@@ -33,8 +33,8 @@ from pipelines.decode import decode_image
 from pipelines.encode import DEPTH_MEMBER, depth_png_in_metres, read_depth_png
 from storage import layout
 from storage.manifest import dataset
-from storage.objectstore import open_store
 from storage.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from storage.stores import open_store
 
 _OK = ds.field("status") == "ok"
 _MANIFEST_THREADS = 8  # manifest parts are small: reading several at once hides S3 latency

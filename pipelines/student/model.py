@@ -48,7 +48,12 @@ def head_for(width: int, layers: int) -> Head:
 def from_dinov2(directory: str | Path, *, seed: int = 0):
     """A DepthAnythingForDepthEstimation whose encoder is the Dinov2Model saved in ``directory``
     (weights copied exactly) and whose DPT head is freshly initialised (``seed``)."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, Dinov2Model
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
     encoder = Dinov2Model.from_pretrained(directory, use_safetensors=True)
     if encoder.config.model_type != "dinov2":

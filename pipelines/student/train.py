@@ -32,11 +32,15 @@ from pipelines.student import checkpoint
 from pipelines.student.errors import TrainSetupError
 from pipelines.student.feeding import Stream, check_split
 from pipelines.student.loader import DepthShards, LoaderConfig, mixed_batches
-from pipelines.student.losses import affine_invariant_loss, cutmix_loss, feature_alignment_loss
+from pipelines.student.losses import (
+    affine_invariant_loss,
+    cutmix_loss,
+    feature_alignment_loss,
+)
 from pipelines.student.model import from_dinov2, frozen_features, student_features
 from pipelines.student.perturb import CutMix, StrongAugment
 from pipelines.student.runlog import RunLog
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 # DINOv2 (and Depth Anything) see ImageNet-normalized RGB; the loader yields [0, 1].
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -27,8 +27,8 @@ from pipelines.student.errors import TrainSetupError
 from pipelines.student.loader import LoaderConfig, ShardPlan, decode_rgb, plan_shards
 from pipelines.student.train import MEAN, STD
 from storage import layout
-from storage.objectstore import open_store
 from storage.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from storage.stores import open_store
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from labelers.normalize import DISPARITY as OUTPUT_DISPARITY
 from labelers.normalize import INVERSE_DEPTH as OUTPUT_INVERSE_DEPTH
 from labelers.normalize import TEACHER_OUTPUTS
 from storage.names import check_member_name
-from storage.objectstore import is_s3, open_store
+from storage.objectstore import is_s3
+from storage.stores import open_store
 
 SAFE_WEIGHTS = "model.safetensors"             # what from_pretrained(use_safetensors=True) loads,
 SAFE_INDEX = "model.safetensors.index.json"   # or, when that is absent, the shards this names

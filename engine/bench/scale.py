@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from engine.plan import plan
 from storage import layout
 from storage.manifest import SCHEMA
-from storage.objectstore import open_store
+from storage.stores import open_store
 
 
 def plan_figures(output_url: str, n: int) -> dict:

@@ -12,8 +12,8 @@ and the ratios of the engine to each. Steady-state rates exclude cluster start a
 which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
-``--plan N`` / ``--audit N``: see engine.bench_scale. ``--teachers``: see engine.bench_teachers.
-``--train``: see engine.bench_train.
+``--plan N`` / ``--audit N``: see engine.bench.scale. ``--teachers``: see engine.bench.teachers.
+``--train``: see engine.bench.train.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.bench_scale import audit_figures, plan_figures
+from engine.bench.scale import audit_figures, plan_figures
+from engine.bench.synthetic import DEFAULT_SIZES, write_hostile_shard, write_shard
 from engine.config import ConfigError, LabelConfig
-from engine.synthetic import DEFAULT_SIZES, write_hostile_shard, write_shard
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,16 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     if cfg.train:
-        from engine.bench_train import train_figures
+        from engine.bench.train import train_figures
 
         return {"machine": machine(), "train": train_figures(root / "train", repeats=cfg.repeats)}
     if cfg.teachers:
-        from engine.bench_teachers import teacher_figures
+        from engine.bench.teachers import teacher_figures
 
         return {"machine": machine(), "teachers": teacher_figures(root / "teacher-families", images=cfg.images,
                                                                   repeats=cfg.repeats)}
     if cfg.aspects:
-        from engine.bench_aspect import aspect_figures
+        from engine.bench.aspect import aspect_figures
 
         teacher, _, desc = _models(cfg, root / "models")
         return {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher)},
@@ -139,7 +139,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         _e2e_base(cfg, root, check=True)
     teacher, sky, desc = _models(cfg, root / "models")
     if cfg.flops:
-        from engine.bench_baselines import model_flops
+        from engine.bench.baselines import model_flops
 
         return {"machine": machine(), "models": {"teacher": desc.get("teacher", teacher), "sky": desc.get("sky", sky)},
                 "flops": model_flops(teacher, sky, cfg.sizes[0])}
@@ -178,7 +178,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _end_to_end(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dict:
-    from engine.bench_baselines import rates
+    from engine.bench.baselines import rates
 
     base = _e2e_base(cfg, root)
     runs = [_label(cfg, f"{root}/e2e/", f"{base}/run-{r}/", teacher, sky) for r in range(cfg.repeats)]
@@ -202,7 +202,7 @@ def _e2e_base(cfg: BenchConfig, root: Path, check: bool = False) -> str:
     """Where the end-to-end runs write; with ``check``, refuse a place that holds a run already
     (``label`` would only resume there, leaving nothing to time)."""
     from engine import job
-    from storage.objectstore import open_store
+    from storage.stores import open_store
 
     base = (cfg.output or str(root / "out-e2e")).rstrip("/")
     for r in range(cfg.repeats if check else 0):
@@ -212,7 +212,7 @@ def _e2e_base(cfg: BenchConfig, root: Path, check: bool = False) -> str:
 
 
 def _output_sizes(url: str) -> dict:
-    from storage.objectstore import open_store
+    from storage.stores import open_store
 
     store = open_store(url)
     return {part: sum(o.size for o in store.list(f"{part}/")) for part in ("shards", "manifest")}
@@ -221,9 +221,14 @@ def _output_sizes(url: str) -> dict:
 def _baselines(cfg, root, shards, teacher, sky, actors, device, torch_threads) -> dict:
     import gc
 
-    from engine.bench_baselines import model_only, naive_loop, ray_data_pipeline, read_images
-    from engine.worker import WorkerSpec
-    from pipelines.models import resolve
+    from engine.bench.baselines import (
+        model_only,
+        naive_loop,
+        ray_data_pipeline,
+        read_images,
+    )
+    from engine.models import resolve
+    from engine.runtime.actors import WorkerSpec
 
     refs = {name: resolve(m).sha256 if m else None for name, m in (("teacher", teacher), ("sky", sky))}
     spec = WorkerSpec(output="", teacher=teacher, teacher_sha256=refs["teacher"], sky=sky, sky_sha256=refs["sky"],
@@ -272,12 +277,12 @@ def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dic
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
     if "train" in r:
-        from engine.bench_train import print_train
+        from engine.bench.train import print_train
 
         print_train(r["train"])
         return
     if "teachers" in r:
-        from engine.bench_teachers import print_teachers
+        from engine.bench.teachers import print_teachers
 
         print_teachers(r["teachers"])
         return

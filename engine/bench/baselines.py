@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from engine.worker import WorkerSpec, load_labelers
+from engine.runtime.actors import WorkerSpec, load_labelers
 from pipelines.concurrency import Bucketer
 from pipelines.decode import decode, sample_from_members
 from pipelines.encode import disparity_png, encode, mask_png
 from pipelines.pseudo_label import label_batch
 from pipelines.sample import Sample
-from storage.objectstore import locate
 from storage.shards import iter_tar_samples
+from storage.stores import locate
 
 
 def rates(images: int, seconds: list[float]) -> dict:
@@ -57,7 +57,7 @@ def model_flops(teacher: str, sky: str | None, size: tuple[int, int]) -> dict:
     image, whatever the engine around it. Resizes and the sky fold are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.synthetic import scene
+    from engine.bench.synthetic import scene
     from labelers.sky import SkySegmenter
     from labelers.teacher import Teacher
 

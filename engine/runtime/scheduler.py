@@ -17,10 +17,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    GetTimeoutError,
+    OutOfMemoryError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 
 from engine.errors import JobAborted, WorkerStartError
-from pipelines.pseudo_label import ShardResult, ShardTask
+from pipelines.pseudo_label import ShardResult
+from pipelines.tasks import ShardTask
 
 PER_ACTOR = 2
 START_FAILURES = 3      # workers failing to start, in a row, before the job stops (exit 2)

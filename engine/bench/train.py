@@ -85,7 +85,13 @@ def model_step_seconds(cfg, steps: int, repeats: int, held: int = 8) -> tuple[li
     import torch
 
     from pipelines.student.loader import DepthShards, LoaderConfig, mixed_batches
-    from pipelines.student.train import _device, _load_models, _optimizer, _optimizer_step, train_dtype
+    from pipelines.student.train import (
+        _device,
+        _load_models,
+        _optimizer,
+        _optimizer_step,
+        train_dtype,
+    )
 
     data = {name: DepthShards(LoaderConfig(outputs=outputs, crop=cfg.crop, seed=cfg.seed))
             for name, outputs in (("labeled", cfg.labeled), ("pseudo", cfg.pseudo))}
@@ -137,8 +143,9 @@ def build_outputs(root: Path, bench: TrainBench) -> dict[str, str]:
     from labelers.ground_truth import GroundTruthRule
     from labelers.random_models import save_random_teacher
     from labelers.teacher import Teacher
-    from pipelines.pseudo_label import Labelers, ShardTask, label_shard
-    from storage.objectstore import open_store
+    from pipelines.pseudo_label import Labelers, label_shard
+    from pipelines.tasks import ShardTask
+    from storage.stores import open_store
 
     teacher = Teacher.load(str(save_random_teacher(root / "teacher", size="tiny", image_size=56)))
     labelers = {"labeled": Labelers(None, None, GroundTruthRule()), "pseudo": Labelers(teacher, None)}
@@ -156,11 +163,11 @@ def build_outputs(root: Path, bench: TrainBench) -> dict[str, str]:
 
 
 def _input_shard(path: Path, bench: TrainBench, seed: int, depth: bool) -> Path:
-    """JPEG photos (engine.synthetic scenes), with metric depth (``depth.npy``, 0 = no depth)
+    """JPEG photos (engine.bench.synthetic scenes), with metric depth (``depth.npy``, 0 = no depth)
     when ``depth``."""
     import webdataset as wds
 
-    from engine.synthetic import jpeg, scene
+    from engine.bench.synthetic import jpeg, scene
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:

@@ -9,7 +9,6 @@ import time
 import numpy as np
 
 
-
 def aspect_figures(teacher_path: str, aspects: list[float], *, device: str = "auto", repeats: int = 3,
                    short_side: int = 480) -> list[dict]:
     """Seconds per image through the teacher alone (after a warm-up, median of ``repeats``)

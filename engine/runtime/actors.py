@@ -14,17 +14,18 @@ from typing import Callable, TypeVar
 
 import ray
 
-from labelers.devices import GpuSampler
+from engine.models import resolve
 from labelers import plugins
+from labelers.devices import GpuSampler
 from labelers.ground_truth import GroundTruthRule
 from labelers.plugins import is_plugin
 from pipelines.commit import ClaimPolicy
 from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
-from pipelines.models import resolve
-from pipelines.pseudo_label import Labelers, Progress, ShardResult, ShardTask, label_shard
-from storage.objectstore import open_store
+from pipelines.pseudo_label import Labelers, ShardResult, label_shard
+from pipelines.tasks import Progress, ShardTask
 from storage.s3_client import request_counts
+from storage.stores import open_store
 
 R = TypeVar("R")
 

@@ -1,0 +1,86 @@
+"""``depth-engine``: a thin edge over the Python API. Exit 0 on success, 2 on a usage or
+configuration error (one line, no traceback), 3 when shards failed permanently."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from engine.cli.commands import COMMANDS
+from engine.cli.parser import UsageError, build_parser
+from engine.config import ConfigError
+from engine.errors import JobAborted
+from storage.objectstore import StorageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # Run as the program (`python -m engine`, the `depth-engine` script): leave without
+        # interpreter teardown. An Arrow pool thread can still be dropping the last reference to
+        # a numpy-backed buffer (the audit's Acero group_by) when Python finalizes; the buffer's
+        # destructor takes the GIL, CPython then ends that thread with pthread_exit, and the unwind
+        # through a noexcept destructor is std::terminate: exit 134 after complete output. So: do
+        # here what teardown would do that matters (Ray is shut down by the commands that start it;
+        # an attached driver is disconnected here), flush, and _exit. A caller passing argv returns.
+        code = main(sys.argv[1:])
+        try:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - the cluster notices a driver that is gone
+            pass
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):  # a closed pipe: Python's own exit says 120 then
+                code = code or 120
+        os._exit(code)
+    # Library chatter (weight-loading bars, backend notices) would bury the progress bar;
+    # set before transformers is imported, and inherited by local Ray workers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # A hub repo with only pickle weights is refused, not converted behind the user's back.
+    os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
+    logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    # Every message is redacted: a URL or a server may echo credentials (storage.objectstore.redact).
+    except UsageError as e:
+        from storage.objectstore import redact
+
+        print(redact(str(e)), file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: {e}"), file=sys.stderr)
+        return 2
+    except StorageError as e:
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: storage: {e}"), file=sys.stderr)
+        return 2
+    except JobAborted as e:
+        from storage.objectstore import redact
+
+        print(redact(f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again to "
+                     "resume."), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("depth-engine: interrupted; committed shards are kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    except Exception:  # a bug: its traceback as Python would print it, with credentials blanked
+        import traceback
+
+        from storage.objectstore import redact
+
+        print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

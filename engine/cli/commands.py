@@ -1,0 +1,197 @@
+"""One function per command: flags to a config, the job API, the result printed; an exit code.
+Each imports its job where it runs, so a light command never pays for torch."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from engine.cli.parser import _limits, _rule
+from engine.cli.printing import print_audit, print_summary
+from engine.config import ConfigError, LabelConfig
+
+
+def _label(args) -> int:
+    from engine.label import label
+
+    gt = args.command == "convert-gt"
+    config = LabelConfig(
+        input=args.input, output=args.output, teacher=None if gt else args.teacher,
+        teacher_output=None if gt else args.teacher_output, keep_depth=getattr(args, "keep_depth", False),
+        ground_truth=_rule(args) if gt else None,
+        sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, dtype=args.dtype,
+        max_attempts=args.max_attempts, retry_failed=args.retry_failed,
+        ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json, limits=_limits(args))
+    summary = label(config)
+    print_summary(summary.to_json(), args.json)
+    return summary.exit_code
+
+
+def _evaluate(args) -> int:
+    from engine.evaluate import EvalConfig, evaluate, print_report
+
+    config = EvalConfig(source=args.source, teacher=args.teacher, teacher_output=args.teacher_output,
+                        ground_truth=_rule(args),
+                        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+                        max_attempts=args.max_attempts, ray_address=args.ray_address,
+                        progress=sys.stderr.isatty() or not args.json)
+    report = evaluate(config)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    return 3 if report["failed_shards"] else 0
+
+
+def _status(args) -> int:
+    from engine.status import status
+    from storage.stores import open_store
+
+    s = status(open_store(args.output))
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(f"{s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
+        for name in s["failed_shards"]:
+            print(f"  failed: {name}")
+    return 0
+
+
+def _audit(args) -> int:
+    from engine import job
+    from pipelines.audit import audit
+    from storage.stores import open_store
+
+    output = open_store(args.output)
+    if job.read(output) is None and not any(True for _ in output.list("manifest/")):
+        raise ConfigError(f"{output.url} has no job.json and no manifest/: not a depth-engine OUTPUT")
+    report = audit(output)
+    if args.html:
+        from engine.cli.audit_html import write_html
+
+        write_html(report, output, args.html)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_audit(report)
+    return 0
+
+
+def _verify(args) -> int:
+    from pipelines.verify import NotAnOutput, verify
+    from storage.stores import open_store
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    try:
+        store = open_store(args.output)
+    except ValueError as e:  # a URL no store can open
+        raise ConfigError(str(e)) from None
+    try:
+        result = verify(store, workers=args.workers)
+    except NotAnOutput as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.ok:
+        print(f"{result.checked} shards checked, all agree")
+    else:
+        print(f"{result.checked} shards checked, {len(result.bad)} disagree with their manifest part:")
+        for bad in result.bad:
+            print(f"  {bad.shard}:")
+            for problem in bad.problems:
+                print(f"    {problem}")
+    return 0 if result.ok else 1
+
+
+def _train_student(args) -> int:
+    from pipelines.student.errors import TrainSetupError
+    from pipelines.student.train import TrainConfig, train
+
+    try:
+        if args.init and args.init[0] != "dinov2":
+            raise ValueError(f"--init {args.init[0]}: the student is built from a DINOv2 encoder: --init dinov2 DIR")
+        cfg = TrainConfig(labeled=tuple(args.labeled), pseudo=tuple(args.pseudo), student=args.student,
+                          init=args.init[1] if args.init else None,
+                          frozen=args.frozen, out=args.out, steps=args.steps, batch_size=args.batch_size,
+                          crop=args.crop, lr=args.lr, decoder_lr_factor=args.decoder_lr_factor,
+                          ratio=_ratio(args.ratio), trim=args.trim, alpha=args.alpha, cutmix_p=args.cutmix_p,
+                          save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
+                          loader_workers=args.loader_workers, dtype=args.dtype, clip_grad=args.clip_grad,
+                          accum=args.accum, val=args.val, val_every=args.val_every)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ray_flags = (args.ray_address, args.ray_workers, args.gpus_per_worker, args.cpus_per_worker)
+    if not args.ray and any(v is not None for v in ray_flags):
+        raise ConfigError("--ray-address, --ray-workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    try:
+        history = _on_ray(cfg, args) if args.ray else train(cfg)
+    except TrainSetupError as e:
+        raise ConfigError(str(e)) from None
+    if history is None:
+        return 1
+    if history and os.environ.get("RANK", "0") == "0":
+        last = history[-1]
+        print(f"step {last['step']}: total {last['total']:.4f} (labeled {last['labeled']:.4f}, "
+              f"unlabeled {last['unlabeled']:.4f}, feature {last['feature']:.4f}); checkpoint: {args.out.rstrip('/')}/latest.json")
+    return 0
+
+
+def _on_ray(cfg, args) -> list[dict] | None:
+    """``train-student --ray``: the loop on Ray Train workers. A configuration error in a worker
+    exits 2, any other worker failure prints its one line and gives None (exit 1)."""
+    from pipelines.student.on_ray import RayScaling, WorkerFailed, train_on_ray
+    from storage.objectstore import redact
+
+    scaling = RayScaling(ray_address=args.ray_address, workers=args.ray_workers,
+                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+    try:
+        return train_on_ray(cfg, scaling)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except WorkerFailed as e:
+        print(redact(f"depth-engine: {e}"), file=sys.stderr)
+        return None
+
+
+def _ratio(text: str) -> tuple[int, int]:
+    try:
+        labeled, pseudo = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--ratio must be L:P (two whole numbers, e.g. 1:2), got {text!r}") from None
+    return labeled, pseudo
+
+
+def _demo(args) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(args.output, as_json=args.json)
+
+
+def _aspects(text: str | None) -> list[float]:
+    try:
+        aspects = [float(a) for a in (text or "").split(",") if a]
+    except ValueError:
+        raise ConfigError(f"--aspects must look like 1,2,4,8, got {text!r}") from None
+    if text and (not aspects or min(aspects) < 1):
+        raise ConfigError(f"--aspects must be ratios >= 1, like 1,2,4,8, got {text!r}")
+    return aspects
+
+
+def _bench(args) -> int:
+    from engine.bench import BenchConfig, parse_sizes, print_report, run_bench
+    from engine.bench.teachers import TEACHER_IMAGES
+
+    images = args.images if args.images is not None else TEACHER_IMAGES if args.teachers else BenchConfig.images
+    cfg = BenchConfig(
+        teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
+        image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
+        train=args.train, batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+        workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
+        repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+    report = run_bench(cfg)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    return 0
+
+
+COMMANDS = {"label": _label, "convert-gt": _label, "evaluate": _evaluate, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
+            "train-student": _train_student,
+            "demo": _demo}
