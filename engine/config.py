@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError
-from labelers.ground_truth import GroundTruthRule
 from labelers.normalize import TEACHER_OUTPUTS
-from pipelines.decode import SampleLimits
+
+if TYPE_CHECKING:  # decoding's and ground truth's modules (PIL) load when a job is built, not with the CLI
+    from labelers.ground_truth import GroundTruthRule
+    from pipelines.decode import SampleLimits
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _default_limits() -> SampleLimits:
+    from pipelines.decode import SampleLimits
+
+    return SampleLimits()
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,11 @@ class LabelConfig:
     retry_failed: bool = False
     ray_address: str | None = None
     threads: int = 4                       # decode/encode threads per actor
-    limits: SampleLimits = field(default_factory=SampleLimits)   # per-sample bytes, pixels, aspect
+    limits: SampleLimits = field(default_factory=_default_limits)   # per-sample bytes, pixels, aspect
     progress: bool = True
     # The job lease (one label per OUTPUT): a dead driver's lease lapses after this long.
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_LEASE_SECONDS", 60)))
-    # A shard's commit claim (pipelines.commit): a retry waits at most about twice this when
+    # A shard's commit claim (storage.commit): a retry waits at most about twice this when
     # an attempt died inside its commit. Must leave room for completing one upload.
     claim_seconds: float = field(default_factory=lambda: float(os.environ.get("DEPTH_ENGINE_CLAIM_SECONDS", 60)))
 

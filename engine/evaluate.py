@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from engine import job
 from engine.config import ConfigError, check_resources, check_teacher_output
 from engine.inputs import InputError, expand
-from engine.label import actor_layout, resolve_teacher, start_ray
-from engine.models import ModelSourceError
-from engine.progress import ProgressBar
-from engine.runtime.scheduler import Scheduler
+from engine.label import resolve_teacher
+from engine.models import ModelSourceError, weight_bytes
+from engine.runtime.run import run_shards
+from engine.runtime.session import ray_session
 from labelers.ground_truth import GroundTruthRule
 from labelers.plugins import PluginError
 from pipelines.evaluate import ShardEvaluation, summarize
 from pipelines.tasks import ShardTask
 from storage import layout
 from storage.objectstore import StorageError
+from storage.output import Output
 from storage.stores import open_store
 
 # The paper's zero-shot figures (Depth Anything ViT-L, Table 2) to read a result against.
@@ -67,13 +68,14 @@ def source_shards(spec: str) -> Source:
             if doc.get("label", {}).get("keep_depth"):
                 raise ConfigError(f"{store.url} holds the teacher's own metric depth as depth.png (--keep-depth), "
                                   "not ground truth: evaluate the labeled INPUT or a convert-gt OUTPUT instead")
-            names = sorted(layout.listed_names(store, layout.MANIFEST, ".parquet"))
+            output = Output(store)
+            names = sorted(output.committed())
             if not names:
                 raise ConfigError(f"{store.url} is an OUTPUT with no committed shard yet")
             base = store.url.rstrip("/")
             kind = job.source_kind(doc)
             teacher = (doc["label"].get("teacher") or {}).get("source")
-            return Source([f"{base}/{layout.shard_key(n)}" for n in names], kind,
+            return Source([f"{base}/{output.shard_key(n)}" for n in names], kind,
                           "converted ground truth" if kind == "gt" else f"pseudo-label of {teacher}")
     try:
         return Source(expand(spec), "input", None)
@@ -93,37 +95,18 @@ def evaluate(config: EvalConfig) -> dict:
         raise ConfigError(str(e)) from None
     results: list[ShardEvaluation] = []
     failed: dict[str, str] = {}
-    started = start_ray(config)
-    try:
-        lay = actor_layout(config)
-        n, options, device = lay.actors, lay.options, lay.device
-        spec = WorkerSpec(output="", teacher=config.teacher, teacher_sha256=teacher.sha256, sky=None,
-                          sky_sha256=None, ground_truth=config.ground_truth, teacher_output=kind,
-                          device=device, dtype=config.dtype,
-                          batch_size=config.batch_size, threads=lay.codec_threads, torch_threads=lay.torch_threads)
-        bar = ProgressBar(len(source.shards), enabled=config.progress)
 
-        def on_result(r: ShardEvaluation) -> None:
-            results.append(r)
-            bar.shard_done(r)
+    def on_failure(task: ShardTask, errors: list[dict]) -> None:
+        failed[task.name] = errors[-1]["error"]
 
-        def on_failure(task: ShardTask, errors: list[dict]) -> None:
-            failed[task.name] = errors[-1]["error"]
-            bar.shard_failed(task.name, errors[-1]["error"])
-
-        tasks = [ShardTask(u, layout.shard_name(u)) for u in source.shards]
-        scheduler = Scheduler(lambda: EvalActor.options(**options).remote(spec), min(n, len(tasks)),
-                              max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
-                              on_tick=bar.live, on_event=bar.event)
-        try:
-            scheduler.run(tasks)
-        finally:
-            bar.close()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    spec = WorkerSpec(output="", teacher=config.teacher, teacher_sha256=teacher.sha256, sky=None,
+                      sky_sha256=None, ground_truth=config.ground_truth, teacher_output=kind,
+                      dtype=config.dtype, batch_size=config.batch_size)
+    with ray_session(config, weight_bytes(teacher)) as lay:
+        device = lay.device
+        run_shards([ShardTask(u, layout.shard_name(u)) for u in source.shards], EvalActor, spec, lay,
+                   max_attempts=config.max_attempts, on_result=results.append, on_failure=on_failure,
+                   progress=config.progress)
     rows = [row for r in sorted(results, key=lambda r: r.name) for row in r.rows]
     return {
         "source": config.source, "source_kind": source.kind, "stored_label": source.label,

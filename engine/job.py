@@ -12,6 +12,7 @@ from engine.models import ModelRef
 from labelers.normalize import DISPARITY
 from storage import layout
 from storage.objectstore import ObjectStore
+from storage.output import Output
 
 LABEL_DEFINITION = "depth-anything/v1: disparity, sky=0, min-max over non-sky, uint16 png"
 GT_DEFINITION = "ground-truth/v1: disparity 1/t, sky=0, min-max over valid non-sky, uint16 png, valid.png"
@@ -81,10 +82,7 @@ def source_kind(doc: dict) -> str:
 
 
 def read(output: ObjectStore) -> dict | None:
-    try:
-        return json.loads(output.get(layout.JOB))
-    except FileNotFoundError:
-        return None
+    return Output(output).job()
 
 
 def differences(old: dict, new: JobSpec) -> list[str]:

@@ -10,8 +10,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-import ray
-
 from engine import job
 from engine import plan as planning
 from engine.config import ConfigError, LabelConfig
@@ -27,11 +25,11 @@ from engine.models import (
     model_config,
     resolve,
     teacher_output_of,
+    weight_bytes,
 )
-from engine.progress import ProgressBar
 from engine.runtime.actors import LabelActor, WorkerSpec
-from engine.runtime.scheduler import Scheduler
-from engine.runtime.session import actor_layout, start_ray
+from engine.runtime.run import run_shards
+from engine.runtime.session import ray_session
 from labelers.normalize import METRIC_OUTPUTS
 from labelers.plugins import PluginError, PluginRef, is_plugin
 from labelers.plugins import find as find_plugin
@@ -59,6 +57,7 @@ class Summary:
     s3_requests: dict = field(default_factory=dict)     # the workers' S3 requests, by operation
     workers: int = 0
     device: str = ""
+    layout: str = ""                   # the actors and threads chosen, and why
     peak_worker_rss_mb: float = 0.0    # the largest peak RSS of any worker process
     failed_shards: list[str] = field(default_factory=list)
 
@@ -145,36 +144,24 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> 
         summary.wall_seconds = time.time() - t0
         return summary
 
-    started = start_ray(config)
-    try:
-        layout_ = actor_layout(config)
-        summary.workers, summary.device = layout_.actors, layout_.device
-        wspec = WorkerSpec(output=output.url, teacher=config.teacher,
-                           teacher_sha256=teacher.sha256 if teacher else None,
-                           teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
-                           ground_truth=config.ground_truth,
-                           sky=config.sky, sky_sha256=sky.sha256 if sky else None, device=layout_.device,
-                           dtype=config.dtype, batch_size=config.batch_size, threads=layout_.codec_threads,
-                           torch_threads=layout_.torch_threads, claim_seconds=config.claim_seconds,
-                           limits=config.limits)
-        _run(config, output, todo.todo, wspec, layout_.actors, layout_.options, summary, lock)
-    finally:
-        if started:
-            ray.shutdown()
+    spec = WorkerSpec(output=output.url, teacher=config.teacher, teacher_sha256=teacher.sha256 if teacher else None,
+                      teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
+                      ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
+                      dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
+                      limits=config.limits)
+    with ray_session(config, weight_bytes(teacher, sky)) as lay:
+        summary.workers, summary.device, summary.layout = lay.actors, lay.device, lay.describe()
+        _run(config, output, todo.todo, spec, lay, summary, lock)
     summary.wall_seconds = time.time() - t0
     return summary
 
 
-def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
-    bar = ProgressBar(len(urls), enabled=config.progress)
+def _run(config, output, urls, spec, lay, summary, lock) -> None:
     busy = {"model": 0.0, "actor": 0.0}
-    gpu: list[tuple[float, float]] = []          # (utilization, shard seconds)
-    t_start = time.time()
 
     def on_result(r: ShardResult) -> None:
         if not r.committed:             # another attempt had committed it meanwhile
             summary.shards_skipped += 1
-            bar.shard_done(r)
             return
         summary.shards_committed += 1
         summary.samples_ok += r.ok
@@ -183,14 +170,8 @@ def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
         busy["actor"] += r.seconds
         for stage, seconds in r.stage_seconds.items():
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
-        if r.gpu_utilization is not None:
-            gpu.append((r.gpu_utilization, r.seconds))
-        for op, n in r.s3_requests.items():
-            summary.s3_requests[op] = summary.s3_requests.get(op, 0) + n
-        summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, r.peak_rss_bytes / 2**20)
         if config.retry_failed:
             output.delete(layout.failed_key(r.name))
-        bar.shard_done(r)
 
     def on_failure(task: ShardTask, errors: list[dict]) -> None:
         marker = {"shard": task.name, "source": task.source, "attempts": len(errors),
@@ -199,23 +180,16 @@ def _run(config, output, urls, wspec, n, options, summary, lock) -> None:
         output.put(layout.failed_key(task.name), json.dumps(marker, indent=2).encode())
         summary.shards_failed += 1
         summary.failed_shards.append(task.name)
-        bar.shard_failed(task.name, errors[-1]["error"])
 
-    tasks = [ShardTask(u, layout.shard_name(u)) for u in urls]
-    scheduler = Scheduler(
-        lambda: LabelActor.options(**options).remote(wspec), n, max_attempts=config.max_attempts,
-        on_result=on_result, on_failure=on_failure, on_tick=bar.live, on_event=bar.event,
-        should_stop=lambda: lock.lost and f"the job lease on {output.url} was lost: {lock.lost}")
-    try:
-        scheduler.run(tasks)
-    finally:
-        bar.close()
-    ready = scheduler.first_ready_at or t_start
-    summary.startup_seconds = ready - t_start
-    wall = time.time() - ready
+    run = run_shards([ShardTask(u, layout.shard_name(u)) for u in urls], LabelActor, spec, lay,
+                     max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
+                     progress=config.progress,
+                     should_stop=lambda: lock.lost and f"the job lease on {output.url} was lost: {lock.lost}")
+    summary.startup_seconds = run.startup_seconds
     done = summary.samples_ok + summary.samples_error
-    summary.images_per_second = done / wall if wall > 0 else 0.0
+    summary.images_per_second = done / run.steady_seconds if run.steady_seconds > 0 else 0.0
     summary.model_busy_fraction = busy["model"] / busy["actor"] if busy["actor"] else 0.0
     summary.stage_seconds = {k: round(v, 3) for k, v in summary.stage_seconds.items()}
-    if gpu:
-        summary.gpu_utilization = sum(u * s for u, s in gpu) / max(sum(s for _, s in gpu), 1e-9)
+    summary.gpu_utilization = run.telemetry.gpu_utilization
+    summary.s3_requests = run.telemetry.s3_requests
+    summary.peak_worker_rss_mb = run.telemetry.peak_rss_bytes / 2**20

@@ -325,3 +325,14 @@ def _license(path: Path) -> str | None:
     front = re.match(r"---\s*\n(.*?)\n---", text, re.S)
     found = re.search(r"^license:\s*(\S.*)$", front.group(1) if front else "", re.M)
     return found.group(1).strip().strip("'\"") if found else None
+
+
+def weight_bytes(*refs) -> int:
+    """Bytes of the weight files of the models given (None and plugins count 0): what each
+    actor holds in memory, for the layout."""
+    total = 0
+    for ref in refs:
+        if isinstance(ref, ModelRef):
+            total += sum(os.path.getsize(os.path.join(ref.path, f)) for f in ref.files
+                         if os.path.exists(os.path.join(ref.path, f)))
+    return total

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from storage import layout
 from storage.objectstore import ObjectStore
+from storage.output import Output
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,12 @@ class Plan:
 
 
 def plan(output: ObjectStore, shards: list[str], *, retry_failed: bool = False) -> Plan:
-    committed = layout.listed_names(output, layout.MANIFEST, ".parquet")
-    failed = layout.listed_names(output, layout.FAILED, ".json") - committed
-    skip = committed | (set() if retry_failed else failed)
+    states = Output(output).states()
     names = [(layout.shard_name(u), u) for u in shards]
+    pending = set(states.pending(n for n, _ in names))
     return Plan(
-        todo=[u for n, u in names if n not in skip],
-        committed=sorted(n for n, _ in names if n in committed),
-        failed=sorted(n for n, _ in names if n in failed),
+        todo=[u for n, u in names if n in pending or (retry_failed and n in states.failed)],
+        committed=sorted(n for n, _ in names if n in states.committed),
+        failed=sorted(n for n, _ in names if n in states.failed),
         total=len(shards),
     )

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from engine import job
 from engine.config import ConfigError
-from engine.plan import plan
+from storage import layout
 from storage.objectstore import ObjectStore
+from storage.output import Output
 
 
 def status(output: ObjectStore) -> dict:
     doc = job.read(output)
     if doc is None:
         raise ConfigError(f"{output.url} has no job.json: not a depth-engine OUTPUT (or nothing ran yet)")
-    p = plan(output, doc.get("shards", []))
-    pending = p.total - len(p.committed) - len(p.failed)
-    return {"total": p.total, "committed": len(p.committed), "failed": len(p.failed),
-            "pending": pending, "failed_shards": p.failed}
+    names = [layout.shard_name(u) for u in doc.get("shards", [])]   # every shard the job was asked for
+    states = Output(output).states()
+    return {**states.counts(names).to_json(), "failed_shards": sorted(n for n in names if n in states.failed)}

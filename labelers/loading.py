@@ -7,8 +7,10 @@ and labeling jobs load models named on a command line.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class NoSafetensorsError(ValueError):
@@ -53,13 +55,3 @@ def load_pretrained(auto_model, source: str, *, revision: str | None, device: to
     processor = load_image_processor(source, revision=revision, family=model.config.model_type)
     # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
     return model.float().eval().to(device), processor
-
-
-def load_for_inference(auto_model, source: str, *, device, dtype: str, revision: str | None):
-    """(model, processor, device, precision): what both labelers need, resolved in one place."""
-    from labelers.devices import resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    precision = resolve_dtype(dtype, dev)
-    model, processor = load_pretrained(auto_model, source, revision=revision, device=dev)
-    return model, processor, dev, precision

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.devices import autocast
-from labelers.loading import load_for_inference
+from labelers.model import InferenceModel, load_for_inference
 from labelers.preprocess import ImagePreprocess
 
 # Upsampled logits held at once, in elements (~64 MiB of float32): bounds memory on huge images.
@@ -81,15 +80,10 @@ def _fold_chunk_argmax(part, start, sky_ids, state):
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class SkySegmenter:
+class SkySegmenter(InferenceModel):
     """A segmentation model reduced to one question per pixel: is it sky?"""
 
-    name: str
     sky_ids: tuple[int, ...]
-    preprocess: ImagePreprocess
-    device: torch.device
-    dtype: torch.dtype
-    model: torch.nn.Module
 
     @classmethod
     def load(
@@ -102,29 +96,24 @@ class SkySegmenter:
         name: str | None = None,
     ) -> "SkySegmenter":
         """Load a model and its processor; refuse at once a model without a sky class."""
-        from transformers import AutoModelForSemanticSegmentation
-
-        model, processor, dev, precision = load_for_inference(
-            AutoModelForSemanticSegmentation, source, device=device, dtype=dtype, revision=revision
-        )
-        sky_ids = sky_class_ids(model.config.id2label)
+        loaded = load_for_inference("AutoModelForSemanticSegmentation", source, device=device, dtype=dtype,
+                                    revision=revision)
+        id2label = loaded.model.config.id2label
+        sky_ids = sky_class_ids(id2label)
         label = name or str(source)
         if not sky_ids:
             raise NoSkyClassError(
                 f"sky model {label!r}: its id2label has no class named 'sky' "
-                f"({len(model.config.id2label)} classes); use a model with a sky class, or --sky none"
+                f"({len(id2label)} classes); use a model with a sky class, or --sky none"
             )
-        return cls(label, sky_ids, ImagePreprocess.from_processor(processor), dev, precision, model)
+        preprocess = ImagePreprocess.from_processor(loaded.processor)
+        return cls(label, preprocess, loaded.device, loaded.dtype, loaded.model, sky_ids=sky_ids)
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """bool HxW per uint8 HxWx3 RGB image, True = sky."""
-        results: list[np.ndarray | None] = [None] * len(images)
-        with torch.inference_mode():
-            for members, pixels in self.preprocess.batches(images, self.device):
-                with autocast(self.device, self.dtype):
-                    logits = self.model(pixel_values=pixels).logits
-                logits = logits.float()
-                for row, i in enumerate(members):
-                    mask = sky_from_logits(logits[row], self.sky_ids, images[i].shape[:2])
-                    results[i] = mask.cpu().numpy()
-        return results  # type: ignore[return-value]
+        return self.run(images, self._fold)
+
+    def _fold(self, outputs, batch: list) -> list[np.ndarray]:
+        logits = outputs.logits.float()
+        return [sky_from_logits(logits[row], self.sky_ids, image.shape[:2]).cpu().numpy()
+                for row, image in enumerate(batch)]

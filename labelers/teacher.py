@@ -4,15 +4,14 @@ inverse depth and field of view) for a batch of images (SPEC §5.1-5.2)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.devices import autocast
-from labelers.loading import load_for_inference
+from labelers.model import InferenceModel, load_for_inference
 from labelers.normalize import DISPARITY
 from labelers.prediction import Prediction
 from labelers.preprocess import ImagePreprocess, family_of_processor, float_resize
@@ -69,15 +68,11 @@ class TeacherPreprocess(ImagePreprocess):
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Teacher:
-    """A depth model ready to label: weights on a device, its preprocessing, its precision."""
+class Teacher(InferenceModel):
+    """A depth model ready to label (``preprocess``: its TeacherPreprocess); ``output`` says what
+    its raw maps hold: normalize.TEACHER_OUTPUTS (to_disparity)."""
 
-    name: str
-    preprocess: TeacherPreprocess
-    device: torch.device
-    dtype: torch.dtype
-    model: torch.nn.Module
-    output: str = DISPARITY  # what predict's raw maps hold: normalize.TEACHER_OUTPUTS (to_disparity)
+    output: str = DISPARITY
 
     @classmethod
     def load(
@@ -91,41 +86,27 @@ class Teacher:
         output: str = DISPARITY,
     ) -> "Teacher":
         """Load from a save_pretrained folder or a hub id (the HF cache serves it offline)."""
-        from transformers import AutoModelForDepthEstimation
-
-        model, processor, dev, precision = load_for_inference(
-            AutoModelForDepthEstimation, source, device=device, dtype=dtype, revision=revision
-        )
-        preprocess = TeacherPreprocess.from_processor(processor, family=model.config.model_type)
-        return cls(name or str(source), preprocess, dev, precision, model, output=output)
-
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """The (height, width) the teacher sees for an image of this size."""
-        return self.preprocess.target_size(height, width)
+        loaded = load_for_inference("AutoModelForDepthEstimation", source, device=device, dtype=dtype,
+                                    revision=revision)
+        preprocess = TeacherPreprocess.from_processor(loaded.processor, family=loaded.model.config.model_type)
+        return cls(name or str(source), preprocess, loaded.device, loaded.dtype, loaded.model, output=output)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """The model's own output (raw float32 HxW, each image's own size; ``output`` says which
         kind) for uint8 HxWx3 RGB images, with the field of view where the model predicts one
-        (Depth Pro with its fov model).
+        (Depth Pro with its fov model). Batches as InferenceModel.run: ZoeDepth's reflect padding
+        is the image's own, nothing else is padded."""
+        return self.run(images, self._restore)
 
-        Images that share a target size run in one forward pass; nothing is padded to a batch
-        size (ZoeDepth's reflect padding is the image's own), so an image's result does not
-        depend on its batch-mates beyond float noise.
-        """
-        results: list[Prediction | None] = [None] * len(images)
-        with torch.inference_mode():
-            for members, pixels in self.preprocess.batches(images, self.device):
-                with autocast(self.device, self.dtype):
-                    outputs = self.model(pixel_values=pixels)
-                depth = outputs.predicted_depth.float()
-                fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
-                fov = None if fov is None else fov.float()  # the focal length in float32, not half
-                for row, i in enumerate(members):
-                    height, width = images[i].shape[:2]
-                    fov_deg = None if fov is None else fov[row]
-                    full = self.preprocess.restore(depth[row], height, width, fov_deg)
-                    results[i] = Prediction(
-                        full.cpu().numpy().astype(np.float32, copy=False),
-                        fov_deg=None if fov_deg is None else float(fov_deg),
-                    )
-        return results  # type: ignore[return-value]
+    def _restore(self, outputs, batch: list) -> Iterator[Prediction]:
+        depth = outputs.predicted_depth.float()
+        fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
+        fov = None if fov is None else fov.float()  # the focal length in float32, not half
+        for row, image in enumerate(batch):
+            height, width = image.shape[:2]
+            fov_deg = None if fov is None else fov[row]
+            full = self.preprocess.restore(depth[row], height, width, fov_deg)
+            yield Prediction(
+                full.cpu().numpy().astype(np.float32, copy=False),
+                fov_deg=None if fov_deg is None else float(fov_deg),
+            )

@@ -7,7 +7,6 @@ and flags for suspect samples and shards.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from pipelines.sketch import Counts, Hist
 from storage import layout
 from storage.manifest import dataset
 from storage.objectstore import ObjectStore
+from storage.output import Output
 
 COLUMNS = ["key", "shard", "status", "error", "width", "height", "sky_fraction", "disp_min",
            "disp_max", "degenerate", "disp_p05", "disp_p50", "disp_p95", "source_kind", "valid_fraction", "conf_mean"]
@@ -174,16 +174,12 @@ class _Audit:
 
 
 def shard_counts(output: ObjectStore) -> dict:
-    """committed / failed / pending, from job.json's inputs and two listings."""
-    committed = layout.listed_names(output, layout.MANIFEST, ".parquet")
-    failed = layout.listed_names(output, layout.FAILED, ".json") - committed
-    try:
-        inputs = {layout.shard_name(u) for u in json.loads(output.get(layout.JOB)).get("shards", [])}
-    except FileNotFoundError:
-        inputs = committed | failed
-    inputs |= committed | failed
-    return {"total": len(inputs), "committed": len(committed), "failed": len(failed),
-            "pending": len(inputs - committed - failed)}
+    """committed / failed / pending of job.json's inputs and of every shard listed as committed or
+    failed (an OUTPUT without job.json: those alone), from two listings."""
+    view = Output(output)
+    states = view.states()
+    inputs = {layout.shard_name(u) for u in (view.job() or {}).get("shards", [])}
+    return states.counts(sorted(inputs | states.committed | states.failed)).to_json()
 
 
 def audit(output: ObjectStore, thresholds: Thresholds = Thresholds(), batch_rows: int = 1 << 16) -> dict:

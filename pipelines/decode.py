@@ -18,7 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelers.ground_truth import GroundTruthError, GroundTruthRule, decode_ground_truth
 from pipelines.sample import Sample
-from storage.shards import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS
+from storage.label_format import image_member
+from storage.shards import DEFAULT_MAX_MEMBER_BYTES
 
 # The engine's own limit (SampleLimits.max_pixels), checked from the header, replaces Pillow's
 # process-wide one: Pillow's is a warning whose filter is not thread-safe, and decode runs in threads.
@@ -177,12 +178,11 @@ def sample_from_members(members: dict, source: str) -> Sample:
     sample = Sample(key=key, source=source)
     if "__error__" in members:
         return sample.fail(members["__error__"])
+    sample.image_ext = image_member(members)
     for ext, value in members.items():
-        if ext.startswith("__"):
-            continue
-        if sample.image_ext is None and ext.lower() in IMAGE_EXTENSIONS:
-            sample.image_ext, sample.image_bytes = ext, value
-        else:
+        if ext == sample.image_ext:
+            sample.image_bytes = value
+        elif not ext.startswith("__"):
             sample.extras[ext] = value
     if sample.image_ext is None:
         sample.fail(f"no image member (members: {', '.join(sorted(sample.extras)) or 'none'})")

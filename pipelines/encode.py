@@ -1,14 +1,12 @@
 """Labels -> the members of an output sample and its manifest row (SPEC §3, §4)."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from labelers.normalize import (
     METRIC_OUTPUTS,
@@ -18,10 +16,25 @@ from labelers.normalize import (
     to_depth,
 )
 from pipelines.sample import Sample
+from storage.label_format import (
+    CONF_MEMBER,
+    DEPTH_MEMBER,
+    DEPTH_SCALE,
+    DISP_MEMBER,
+    JSON_MEMBER,
+    RESERVED,
+    SKY_MEMBER,
+    VALID_MEMBER,
+    conf_png,
+    depth_png,
+    disparity_png,
+    mask_png,
+)
+from storage.label_format import read_conf_png as read_conf_png
+from storage.label_format import read_depth_png as read_depth_png
 
-# zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.
-PNG_LEVEL = 1
-RESERVED = ("disp.png", "sky.png", "valid.png", "conf.png", "json")
+# The codecs and member names are storage.label_format's; the two readers above stay importable
+# from here, where they were first (depth_png / read_depth_png is the --keep-depth codec).
 
 
 @dataclass(slots=True)
@@ -33,77 +46,12 @@ class Encoded:
     row: dict
 
 
-def disparity_png(d: np.ndarray) -> bytes:
-    """16-bit grayscale PNG, value = round(d * 65535)."""
-    u16 = np.rint(np.clip(d, 0.0, 1.0) * 65535.0).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(u16).save(buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
-
-
-# depth.png (--keep-depth): the KITTI convention, so existing tools read it.
-DEPTH_MEMBER = "depth.png"
-DEPTH_SCALE = 256.0          # stored value = round(metres * 256); 0 = no depth
-DEPTH_MAX_VALUE = 65535      # the largest value; depth beyond 256 m is stored as 0 (no depth)
-
-
-def depth_png(depth: np.ndarray, sky: np.ndarray | None = None) -> bytes:
-    """Metric depth as a 16-bit grayscale PNG, value = round(metres * 256), 0 = no depth.
-
-    0 on sky, on non-finite or <= 0 depth, and beyond 256 m (a value clipped to 65535 would read
-    as a real, wrong distance). Within 1/256 m everywhere else: a depth in (255.996, 256] m is
-    stored as 65535, a positive depth under 1/512 m as 1, not as "no depth"."""
-    depth = np.asarray(depth, dtype=np.float64)
-    ok = np.isfinite(depth) & (depth > 0)
-    if sky is not None:
-        ok &= ~np.asarray(sky, dtype=bool)
-    value = np.rint(np.where(ok, depth, 0.0) * DEPTH_SCALE)
-    ok &= value <= DEPTH_MAX_VALUE + 1
-    u16 = np.where(ok, np.clip(value, 1, DEPTH_MAX_VALUE), 0).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(u16).save(buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
-
-
-def read_depth_png(data: bytes) -> np.ndarray:
-    """depth.png -> float32 metres HxW, 0 where there is no depth (the file's own convention;
-    mask with ``depth > 0``)."""
-    with Image.open(io.BytesIO(data)) as im:
-        value = np.asarray(im)
-    if value.ndim != 2 or value.dtype.kind not in "iu":
-        raise ValueError(f"depth.png must be single-channel 16-bit, got {value.dtype} {value.shape}")
-    return (value.astype(np.float32) / np.float32(DEPTH_SCALE)).astype(np.float32)
-
-
 def depth_png_in_metres(label: dict) -> bool:
     """Whether an OUTPUT's ``depth.png`` members hold metres x 256, from job.json's ``label``: the
     engine wrote them (``keep_depth``), or a ``convert-gt`` carried an input's ``depth.png``
     through under ``--gt-scale 256`` (the same convention, as stored: no --max-depth, no sky)."""
     ground_truth = label.get("ground_truth") or {}
     return bool(label.get("keep_depth")) or ground_truth.get("scale") == DEPTH_SCALE
-
-
-# conf.png: a teacher's confidence c in [0, 1] (1 = most confident) as 8 bits.
-CONF_MEMBER = "conf.png"
-CONF_LEVELS = 255            # stored value = round(c * 255); 255 = most confident, 0 = least or none
-
-
-def conf_png(confidence: np.ndarray) -> bytes:
-    """Confidence as an 8-bit grayscale PNG, value = round(c * 255); non-finite c is 0."""
-    c = np.nan_to_num(np.asarray(confidence, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    u8 = np.rint(np.clip(c, 0.0, 1.0) * CONF_LEVELS).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
-
-
-def read_conf_png(data: bytes) -> np.ndarray:
-    """conf.png -> float32 confidence HxW in [0, 1] (within 1/510 of the teacher's)."""
-    with Image.open(io.BytesIO(data)) as im:
-        value = np.asarray(im)
-    if value.ndim != 2 or value.dtype != np.uint8:
-        raise ValueError(f"conf.png must be single-channel 8-bit, got {value.dtype} {value.shape}")
-    return value.astype(np.float32) / np.float32(CONF_LEVELS)
 
 
 def conf_mean(confidence: np.ndarray | None, used: np.ndarray | None) -> float | None:
@@ -114,14 +62,6 @@ def conf_mean(confidence: np.ndarray | None, used: np.ndarray | None) -> float |
     c = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     c = c if used is None else c[used]
     return float(c.mean()) if c.size else None
-
-
-def mask_png(mask: np.ndarray) -> bytes:
-    """8-bit grayscale PNG, 255 where the mask holds."""
-    buf = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
-        buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
 
 
 def percentiles(label: NormalizedDisparity, used: np.ndarray | None) -> list[float | None]:
@@ -160,7 +100,7 @@ def carried_metadata(extras: dict[str, bytes], notes: list[str] | None = None) -
     """The input's own json member, parsed, so the sample's json keeps it. Metadata never fails
     a sample: one that is too large, too deep or not JSON is dropped with a note (the input
     shard still has it), and NaN/Infinity become null, so the output json is strict."""
-    raw = extras.get("json")
+    raw = extras.get(JSON_MEMBER)
     if raw is None:
         return {}
     notes = [] if notes is None else notes
@@ -223,11 +163,11 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras, sample.notes),
     }
-    members = {sample.image_ext: sample.image_bytes, "disp.png": disparity_png(label.disparity)}
+    members = {sample.image_ext: sample.image_bytes, DISP_MEMBER: disparity_png(label.disparity)}
     if sample.sky is not None:
-        members["sky.png"] = mask_png(sample.sky)
+        members[SKY_MEMBER] = mask_png(sample.sky)
     if valid is not None:
-        members["valid.png"] = mask_png(valid)
+        members[VALID_MEMBER] = mask_png(valid)
     if sample.confidence is not None:
         members[CONF_MEMBER] = conf_png(sample.confidence)
     if keep_depth:
@@ -238,7 +178,7 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
             sample.notes.append(f"input {DEPTH_MEMBER} replaced by the teacher's depth (--keep-depth)")
     if sample.notes:
         meta["notes"] = list(sample.notes)
-    members["json"] = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+    members[JSON_MEMBER] = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
     for ext, value in sample.extras.items():
         if ext not in RESERVED and ext not in members:
             members[ext] = value

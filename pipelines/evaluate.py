@@ -10,13 +10,11 @@ converted ground truth) is scored against the same ground truth. Nothing is writ
 """
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from labelers.ground_truth import (
     GroundTruth,
@@ -30,6 +28,7 @@ from pipelines.decode import decode, sample_from_members
 from pipelines.metrics import SampleMetrics, evaluate_disparity, mean_metrics
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
+from storage.label_format import DISP_MEMBER, read_disparity_png
 from storage.shards import iter_tar_samples
 from storage.stores import locate
 
@@ -47,10 +46,6 @@ class ShardEvaluation:
     model_seconds: float = 0.0
     worker: str = ""
     attempt: int = 1
-    peak_rss_bytes: int = 0         # the worker's figures, filled in by it
-    gpu_utilization: float | None = None
-    s3_requests: dict = field(default_factory=dict)
-    committed: bool = True          # read-only work: every finished attempt counts
 
 
 @dataclass(slots=True)
@@ -58,12 +53,6 @@ class _Item:
     sample: Sample
     gt: GroundTruth | None = None
     stored: np.ndarray | None = None     # the OUTPUT's normalized label, when the shard has one
-
-
-def stored_label(data: bytes) -> np.ndarray:
-    """disp.png (16-bit, d * 65535) -> d as float64."""
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-        return np.asarray(im, dtype=np.float64) / 65535.0
 
 
 def _load(members: dict, source: str, rule: GroundTruthRule) -> _Item:
@@ -75,8 +64,8 @@ def _load(members: dict, source: str, rule: GroundTruthRule) -> _Item:
         item.gt = decode_ground_truth(s.extras, rule, (s.height, s.width))
         if item.gt is not None and not item.gt.valid.any():
             s.fail(f"ground truth {item.gt.member} has no valid pixel")
-        elif item.gt is not None and "disp.png" in s.extras:
-            item.stored = stored_label(s.extras["disp.png"])
+        elif item.gt is not None and DISP_MEMBER in s.extras:
+            item.stored = read_disparity_png(s.extras[DISP_MEMBER], np.float64)
             if item.stored.shape != item.gt.valid.shape:
                 s.fail(f"stored disp.png is {item.stored.shape}, the image is {item.gt.valid.shape}")
     except GroundTruthError as e:

@@ -12,7 +12,6 @@ Ray: the engine calls ``label_shard`` inside an actor, tests call it in-process.
 """
 from __future__ import annotations
 
-import datetime as dt
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,6 @@ from labelers.ground_truth import GroundTruthRule
 from labelers.normalize import METRIC_OUTPUTS
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
-from pipelines.commit import ClaimPolicy, commit_shard
 from pipelines.concurrency import Bucketer, OrderedSink, PixelBudget, prefetch_map
 from pipelines.decode import (
     SampleLimits,
@@ -35,10 +33,10 @@ from pipelines.decode import (
 from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
-from storage import layout
-from storage.manifest import encode_part
+from storage.commit import ClaimPolicy
 from storage.objectstore import ObjectStore
-from storage.shards import TarShardWriter, iter_tar_samples
+from storage.shards import iter_tar_samples
+from storage.sink import ShardSink
 from storage.stores import locate
 
 GROUND_TRUTH = "ground-truth"   # the manifest's `teacher` of a ground-truth conversion
@@ -101,9 +99,6 @@ class ShardResult:
     stage_seconds: dict = field(default_factory=dict)   # decode/sky/teacher/encode/write/commit sums
     worker: str = ""
     attempt: int = 1
-    peak_rss_bytes: int = 0        # the worker process's peak, filled in by the executor
-    gpu_utilization: float | None = None   # mean sampled GPU utilization (%), filled in by the worker
-    s3_requests: dict = field(default_factory=dict)   # by operation, filled in by the worker
     committed: bool = True         # False: another attempt had committed the shard already
 
 
@@ -143,27 +138,22 @@ def label_shard(
     limits: SampleLimits = SampleLimits(),
 ) -> ShardResult:
     """Label one input shard into ``output``: the tar is streamed out, completed, and only
-    then is the manifest part written (the commit record, see pipelines.commit). Raises on
+    then is the manifest part written (the commit record, see storage.sink). Raises on
     a shard-level failure (unreadable tar, storage error, model error), leaving nothing
     committed and no partial object visible."""
     t_start = time.perf_counter()
     progress = progress or Progress()
     result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
     models = labelers.names
-    rows: list[dict] = []
     stages = result.stage_seconds
     in_store, in_key = locate(task.source)
 
-    with in_store.open_read(in_key) as stream, output.open_write(layout.shard_key(task.name)) as out:
-        tar = TarShardWriter(out)
+    with in_store.open_read(in_key) as stream, ShardSink(output, task.name) as shard:
 
         def write(enc: Encoded) -> None:
             t0 = time.perf_counter()
-            records = tar.add(enc.key, enc.members) if enc.members else []
+            shard.add(enc.key, enc.members, enc.row)
             stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
-            rows.append({**enc.row, "members": [
-                {"name": r.name, "offset": r.offset, "size": r.size, "sha256": r.sha256}
-                for r in records]})
             progress.samples += 1
             progress.errors += enc.row["status"] != "ok"
 
@@ -205,14 +195,11 @@ def label_shard(
             finally:
                 budget.close()
         t_close = time.perf_counter()
-        result.tar_size = tar.close()
-        stamp = dt.datetime.now(dt.timezone.utc)
-        for row in rows:
-            row.update(shard=f"{task.name}.tar", tar_size=result.tar_size, source_kind=labelers.source_kind,
-                       worker=worker, attempt=task.attempt, labeled_at=stamp)
-        owner = {"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}
-        result.committed = commit_shard(output, task.name, out, encode_part(rows), owner, claim)
+        result.committed = shard.commit(
+            {"source_kind": labelers.source_kind, "worker": worker, "attempt": task.attempt},
+            owner={"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}, claim=claim)
         stages["commit"] = time.perf_counter() - t_close   # completing the upload, the manifest part
+    result.tar_size, rows = shard.tar_size, shard.rows
     for stage in ("decode", "sky", "teacher", "encode"):     # the rows' own timers, summed
         times = [r[f"{stage}_s"] for r in rows if r.get(f"{stage}_s") is not None]
         if times:

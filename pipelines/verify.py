@@ -19,14 +19,16 @@ from PIL import Image
 
 from pipelines.concurrency import prefetch_map
 from storage import layout
+from storage.label_format import IMAGE_SIZED
 from storage.manifest import decode_part
 from storage.objectstore import ObjectNotFound, ObjectStore
+from storage.output import Output
 from storage.stores import open_store
 
 DEFAULT_WORKERS = 8
 CHUNK = 1024 * 1024  # read size inside a member, and tarfile's stream buffer
 BLOCK = tarfile.BLOCKSIZE
-PNG_SUFFIXES = (".disp.png", ".sky.png", ".valid.png", ".conf.png")  # the engine's, at the image's size
+PNG_SUFFIXES = tuple(f".{member}" for member in IMAGE_SIZED)  # the engine's label PNGs
 _PNG_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -59,18 +61,14 @@ def verify(output: ObjectStore | str, workers: int | None = None) -> VerifyResul
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     store = open_store(output) if isinstance(output, str) else output
-    names = committed_shards(store)
-    if not names and store.info(layout.JOB) is None:
+    view = Output(store)
+    names = sorted(view.committed())
+    if not names and not view.is_output():
         raise NotAnOutput(f"{store.url} has no job.json and no manifest/: not a depth-engine OUTPUT")
     n = workers or max(1, min(DEFAULT_WORKERS, len(names)))
     results = _parallel(lambda name: check_shard(store, name), names, n)
     bad = tuple(BadShard(name, tuple(p)) for name, p in zip(names, results) if p)
     return VerifyResult(checked=len(names), bad=bad)
-
-
-def committed_shards(store: ObjectStore) -> list[str]:
-    """Names with a manifest part, from one listing (a part's presence means committed)."""
-    return sorted(layout.listed_names(store, layout.MANIFEST, ".parquet"))
 
 
 def _parallel(fn, names: list[str], workers: int):
@@ -94,11 +92,12 @@ def check_shard(store: ObjectStore, name: str) -> list[str]:
     except (pa.ArrowException, OSError) as e:
         return [f"manifest part unreadable: {e}"]
     expected, problems = expected_members(name, rows)
-    info = store.info(layout.shard_key(name))
+    tar = Output(store).shard_key(name)
+    info = store.info(tar)
     if info is None:
         return [*problems, "tar missing"]
     problems += _tar_size_problems(rows, info.size)
-    return problems + _TarCheck(expected).run(store, layout.shard_key(name))
+    return problems + _TarCheck(expected).run(store, tar)
 
 
 @dataclass(frozen=True)

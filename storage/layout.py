@@ -48,7 +48,7 @@ def failed_key(name: str) -> str:
 
 
 def claim_prefix(name: str) -> str:
-    """Where the commit claims of one shard live (pipelines.commit)."""
+    """Where the commit claims of one shard live (storage.commit)."""
     return f"{LOCKS}shards/{name}/"
 
 

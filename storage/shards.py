@@ -24,15 +24,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from webdataset.tariterators import base_plus_ext
-
+from storage.label_format import IMAGE_EXTENSIONS
 from storage.names import check_member_name, escape_key, quote_name
 from storage.tarstream import BLOCK, ShardFormatError, tar_members
 
 __all__ = ["DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
            "check_member_name", "escape_key", "iter_tar_samples"]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 DEFAULT_MAX_MEMBER_BYTES = 512 * 2**20
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _NOT_READ = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
@@ -96,6 +94,9 @@ def _split(info: tarfile.TarInfo) -> tuple[str | None, str]:
     name = info.name
     if info.isdir() or _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
         return None, ""
+    # Imported here, not with the module: importing webdataset imports torch.
+    from webdataset.tariterators import base_plus_ext
+
     key, ext = base_plus_ext(name)
     return (key, ext.lower()) if key is not None else (None, "")
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from pipelines.commit import ClaimPolicy, ShardConflict, commit_shard
 from storage import layout
+from storage.commit import ClaimPolicy, ShardConflict, commit_shard
 from storage.leases import LeaseHeld, LeaseLost, acquire, current
 from storage.stores import open_store
 

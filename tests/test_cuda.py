@@ -80,7 +80,7 @@ def test_one_actor_per_gpu():
     import ray
 
     from engine.config import LabelConfig
-    from engine.label import actor_layout
+    from engine.runtime.session import actor_layout
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -93,5 +93,7 @@ def test_a_worker_killed_for_memory_is_a_retried_attempt(local_ray, monkeypatch)
                           tick_seconds=0.2)
     scheduler.run([ShardTask("/x/a.tar", "a"), ShardTask("/x/b.tar", "b")])
     assert sorted(t.name for t in done) == ["a", "b"] and all(t.attempt == 2 for t in done) and not failed
-    assert sorted(killed) == ["a", "b"]                 # every first attempt was killed, then retried
+    # The first result seen is killed; the worker is dropped with it, so b's first attempt was
+    # either killed too (it had finished) or lost with the worker (it had not): retried alike.
+    assert killed and set(killed) <= {"a", "b"}
     assert any("worker killed for memory: 1 worker(s) were killed" in e for e in events)

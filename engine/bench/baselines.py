@@ -22,9 +22,16 @@ import ray
 from engine.runtime.actors import WorkerSpec, load_labelers
 from pipelines.concurrency import Bucketer
 from pipelines.decode import decode, sample_from_members
-from pipelines.encode import disparity_png, encode, mask_png
+from pipelines.encode import encode
 from pipelines.pseudo_label import label_batch
 from pipelines.sample import Sample
+from storage.label_format import (
+    DISP_MEMBER,
+    JSON_MEMBER,
+    SKY_MEMBER,
+    disparity_png,
+    mask_png,
+)
 from storage.shards import iter_tar_samples
 from storage.stores import locate
 
@@ -86,33 +93,58 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def model_only(spec: WorkerSpec, images: list[np.ndarray], repeats: int) -> dict:
-    """The models alone on pre-decoded images, batched as the engine batches them."""
-    t0 = time.perf_counter()
-    labelers = load_labelers(spec)
-    load = time.perf_counter() - t0
-    device = labelers.teacher.device
+class ModelPass:
+    """Pre-decoded images through the models, batched as the engine batches them, timed."""
 
-    def batches() -> list[list[Sample]]:
+    def __init__(self, spec: WorkerSpec, images: list[np.ndarray]):
+        t0 = time.perf_counter()
+        self.labelers = load_labelers(spec)
+        self.load_seconds = time.perf_counter() - t0
+        self.spec, self.images = spec, images
+        for batch in self._batches()[:2]:                 # warm-up: kernels, allocator, caches
+            label_batch(batch, self.labelers)
+
+    def _batches(self) -> list[list[Sample]]:
         samples = [Sample(key=str(i), source="", image=im, height=im.shape[0], width=im.shape[1])
-                   for i, im in enumerate(images)]
-        bucketer, out = Bucketer(spec.batch_size, key=labelers.batch_key), []
+                   for i, im in enumerate(self.images)]
+        bucketer, out = Bucketer(self.spec.batch_size, key=self.labelers.batch_key), []
         for s in samples:
             out += bucketer.add(s)
         return out + bucketer.flush()
 
-    for batch in batches()[:2]:                       # warm-up: kernels, allocator, caches
-        label_batch(batch, labelers)
-    seconds = []
-    for _ in range(repeats):
-        todo = batches()
-        _sync(device)
+    def loaded(self) -> float:
+        return round(self.load_seconds, 2)
+
+    def seconds(self) -> float:
+        todo = self._batches()
+        _sync(self.labelers.teacher.device)
         t0 = time.perf_counter()
         for batch in todo:
-            label_batch(batch, labelers)
-        _sync(device)
-        seconds.append(time.perf_counter() - t0)
-    return {**rates(len(images), seconds), "model_load_seconds": round(load, 2)}
+            label_batch(batch, self.labelers)
+        _sync(self.labelers.teacher.device)
+        return time.perf_counter() - t0
+
+
+def model_only(spec: WorkerSpec, images: list[np.ndarray], repeats: int) -> dict:
+    """The models alone on pre-decoded images, in this process."""
+    models = ModelPass(spec, images)
+    return {**rates(len(images), [models.seconds() for _ in range(repeats)]),
+            "model_load_seconds": round(models.load_seconds, 2)}
+
+
+def model_only_parallel(spec: WorkerSpec, images: list[np.ndarray], processes: int, repeats: int) -> dict:
+    """The models alone in ``processes`` Ray actors at once (one CPU each), each on its share
+    of the images; a repeat lasts until the slowest one is done."""
+    actor = ray.remote(num_cpus=1)(ModelPass)
+    shares = [images[i::processes] for i in range(processes)]
+    actors = [actor.remote(spec, share) for share in shares if share]
+    try:
+        load = max(ray.get([a.loaded.remote() for a in actors]))   # every model loaded and warm
+        seconds = [max(ray.get([a.seconds.remote() for a in actors])) for _ in range(repeats)]
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return {**rates(len(images), seconds), "model_load_seconds": load}
 
 
 @ray.remote(num_cpus=0)
@@ -144,7 +176,7 @@ class RayDataLabeler:
         if ok:
             label_batch(ok, self.labelers)
         encoded = [encode(s, self.models) for s in samples if s.ok]
-        columns = ("jpg", "disp.png", "sky.png", "json") if self.labelers.sky else ("jpg", "disp.png", "json")
+        columns = ("jpg", DISP_MEMBER, SKY_MEMBER, JSON_MEMBER) if self.labelers.sky else ("jpg", DISP_MEMBER, JSON_MEMBER)
         out = {"__key__": np.array([e.key for e in encoded], dtype=object)}
         for c in columns:
             out[c] = np.array([e.members[c] for e in encoded], dtype=object)
@@ -209,9 +241,9 @@ def naive_loop(teacher: str, sky: str | None, shards: list[str], out_dir: Path, 
             found = [np.asarray(s["mask"]) > 0 for s in seg(image) if s["label"].strip().lower() == "sky"]
             sky_mask = np.logical_or.reduce(found) if found else np.zeros(raw.shape, bool)
         label = normalize_disparity(raw, sky_mask)
-        members = {"disp.png": disparity_png(label.disparity)}
+        members = {DISP_MEMBER: disparity_png(label.disparity)}
         if sky_mask is not None:
-            members["sky.png"] = mask_png(sky_mask)
+            members[SKY_MEMBER] = mask_png(sky_mask)
         return members
 
     label_one(samples[0][1])                      # warm-up

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.bench.scale import audit_figures, plan_figures
@@ -151,28 +151,23 @@ def run_bench(cfg: BenchConfig) -> dict:
     shards = [str(write_shard(root / "e2e" / f"bench-{i // per_shard:06d}.tar", min(per_shard, cfg.images - i),
                               cfg.sizes, seed=i)) for i in range(0, cfg.images, per_shard)]
 
-    from engine.label import actor_layout, start_ray
+    from engine.models import resolve, weight_bytes
+    from engine.runtime.session import ray_session
 
-    started = start_ray(_config(cfg, "-", "-", teacher, sky))
-    try:
-        lay = actor_layout(_config(cfg, "-", "-", teacher, sky))
-        n, device, torch_threads = lay.actors, lay.device, lay.torch_threads
-        report["device"], report["workers"] = device, n
+    config = _config(cfg, "-", "-", teacher, sky)
+    with ray_session(config, weight_bytes(*(resolve(m) for m in (teacher, sky) if m))) as lay:
+        report["device"], report["workers"], report["layout"] = lay.device, lay.actors, lay.describe()
         e2e = _end_to_end(cfg, root, teacher, sky)
         report["end_to_end"] = e2e
         if cfg.baselines:
-            report.update(_baselines(cfg, root, shards, teacher, sky, n, device, torch_threads))
+            report.update(_baselines(cfg, root, shards, teacher, sky, lay))
             report["ratios"] = {f"end_to_end / {k}": round(e2e["images_per_second"] / report[k]["images_per_second"], 3)
-                                for k in ("model_only", "ray_data", "naive") if report[k].get("images_per_second")}
+                                for k in ("model_only_best", "model_only", "model_only_per_core", "ray_data", "naive")
+                                if report.get(k, {}).get("images_per_second")}
         if cfg.memory:
             report["memory"] = _memory(cfg, root, teacher, sky)
         if cfg.hostile:
             report["hostile"] = _hostile(cfg, root, teacher, sky)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     report["workdir"] = str(root)
     return report
 
@@ -218,11 +213,17 @@ def _output_sizes(url: str) -> dict:
     return {part: sum(o.size for o in store.list(f"{part}/")) for part in ("shards", "manifest")}
 
 
-def _baselines(cfg, root, shards, teacher, sky, actors, device, torch_threads) -> dict:
+def _baselines(cfg, root, shards, teacher, sky, lay) -> dict:
+    """The models alone in both CPU layouts (one process with every core's threads; one
+    single-threaded process per core, side by side) or on the GPU, then Ray Data and the naive
+    loop with the layout ``label`` chose."""
     import gc
+
+    import ray
 
     from engine.bench.baselines import (
         model_only,
+        model_only_parallel,
         naive_loop,
         ray_data_pipeline,
         read_images,
@@ -231,21 +232,33 @@ def _baselines(cfg, root, shards, teacher, sky, actors, device, torch_threads) -
     from engine.runtime.actors import WorkerSpec
 
     refs = {name: resolve(m).sha256 if m else None for name, m in (("teacher", teacher), ("sky", sky))}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     spec = WorkerSpec(output="", teacher=teacher, teacher_sha256=refs["teacher"], sky=sky, sky_sha256=refs["sky"],
-                      device=device, dtype=cfg.dtype, batch_size=cfg.batch_size, torch_threads=torch_threads)
-    out = {"model_only": model_only(spec, read_images(shards), cfg.repeats)}
+                      device=lay.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                      torch_threads=cpus if lay.device == "cpu" else None)
+    images = read_images(shards)
+    out = {"model_only": {**model_only(spec, images, cfg.repeats), "layout": f"1 process x {cpus} threads"
+                          if lay.device == "cpu" else "1 GPU"}}
     gc.collect()
+    if lay.device == "cpu" and cpus > 1:
+        out["model_only_per_core"] = {**model_only_parallel(replace(spec, torch_threads=1), images, cpus, cfg.repeats),
+                                      "layout": f"{cpus} processes x 1 thread"}
+    best = max((k for k in ("model_only", "model_only_per_core") if k in out),
+               key=lambda k: out[k]["images_per_second"])
+    out["model_only_best"] = {**out[best], "which": best}
     try:
         import ray.data  # noqa: F401 - ray[data] is an extra
     except ImportError:
         out["ray_data"] = {"skipped": "Ray Data is not installed: pip install 'depth-engine[bench]'"}
     else:
-        # The actor takes one CPU (or the GPU) so that Ray Data's read and write tasks can run.
-        options = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
+        # Ray Data's read and write tasks need a CPU of their own beside the actors.
+        options = {"num_gpus": 1} if lay.device == "cuda" else {"num_cpus": 1}
+        actors = lay.actors if lay.device == "cuda" else max(1, min(lay.actors, cpus - 1))
         (root / "ray-data").mkdir(parents=True, exist_ok=True)
-        out["ray_data"] = ray_data_pipeline(spec, shards, root / "ray-data", actors, options, cfg.repeats)
+        out["ray_data"] = ray_data_pipeline(replace(spec, torch_threads=max(1, cpus // actors)), shards,
+                                            root / "ray-data", actors, options, cfg.repeats)
     (root / "naive").mkdir(parents=True, exist_ok=True)
-    out["naive"] = naive_loop(teacher, sky, shards, root / "naive", device, cfg.repeats)
+    out["naive"] = naive_loop(teacher, sky, shards, root / "naive", lay.device, cfg.repeats)
     return out
 
 
@@ -308,17 +321,21 @@ def print_report(r: dict) -> None:
               f"sky {f['sky_gflops']:.1f} at {f['sky_input']}, total {f['total_gflops']:.1f}")
         return
     print(f"models: teacher {r['models']['teacher']}, sky {r['models']['sky']}; {r['images']} images "
-          f"({', '.join(r['sizes'])}), batch {r['batch_size']}, {r['workers']} worker(s) on {r['device']}, "
-          f"median of {r['repeats']}")
+          f"({', '.join(r['sizes'])}), batch {r['batch_size']}, median of {r['repeats']}")
+    print(f"layout label chose: {r.get('layout', r['workers'])}")
     rows = [("engine end to end", r["end_to_end"]), *[(name, r[key]) for key, name in
-            (("model_only", "model only"), ("ray_data", "Ray Data pipeline"), ("naive", "naive per-image loop"))
+            (("model_only", "model only"), ("model_only_per_core", "model only"),
+             ("ray_data", "Ray Data pipeline"), ("naive", "naive per-image loop"))
             if key in r]]
     print(f"{'':24}{'images/s':>10}{'min':>9}{'max':>9}")
     for name, f in rows:
         if "skipped" in f:
             print(f"{name:24}  skipped: {f['skipped']}")
         else:
-            print(f"{name:24}{f['images_per_second']:>10.3f}{f['min']:>9.3f}{f['max']:>9.3f}")
+            print(f"{name:24}{f['images_per_second']:>10.3f}{f['min']:>9.3f}{f['max']:>9.3f}"
+                  + (f"  {f['layout']}" if f.get("layout") else ""))
+    if "model_only_best" in r:
+        print(f"best model-only layout measured: {r['model_only_best']['layout']}")
     for name, value in r.get("ratios", {}).items():
         print(f"{name}: {value:.3f}")
     e = r["end_to_end"]

@@ -13,9 +13,15 @@ import numpy as np
 from PIL import Image
 
 from storage import layout
+from storage.label_format import (
+    DISP_MEMBER,
+    SKY_MEMBER,
+    image_member,
+    read_disparity_png,
+)
 from storage.manifest import decode_part
 from storage.objectstore import ObjectStore
-from storage.shards import IMAGE_EXTENSIONS
+from storage.output import Output
 
 THUMB = 224
 RANDOM_DRAW = 12
@@ -64,21 +70,21 @@ def _hist_svg(hist: dict, title: str) -> str:
 def _triplet(output: ObjectStore, row: dict) -> dict | None:
     """The image, its colorized disparity and its sky mask, read by ranged GETs."""
     members = {m["name"][len(row["key"]) + 1:]: m for m in row["members"] or []}
-    tar = layout.SHARDS + row["shard"]
+    tar = Output(output).shard_key(Output.name_of(row["shard"]))
     read = lambda m: output.read_range(tar, m["offset"], m["size"])  # noqa: E731
-    image_ext = next((e for e in members if e.lower() in IMAGE_EXTENSIONS), None)
-    if image_ext is None or "disp.png" not in members:
+    image_ext = image_member(members)
+    if image_ext is None or DISP_MEMBER not in members:
         return None
     img = Image.open(io.BytesIO(read(members[image_ext]))).convert("RGB")
-    disp = np.asarray(Image.open(io.BytesIO(read(members["disp.png"]))), dtype=np.float64) / 65535.0
+    disp = read_disparity_png(read(members[DISP_MEMBER]), np.float64)
     out = {"image": _data_uri(img), "disp": _data_uri(Image.fromarray(colorize(disp)))}
-    if "sky.png" in members:
-        out["sky"] = _data_uri(Image.open(io.BytesIO(read(members["sky.png"]))).convert("L"))
+    if SKY_MEMBER in members:
+        out["sky"] = _data_uri(Image.open(io.BytesIO(read(members[SKY_MEMBER]))).convert("L"))
     return out
 
 
 def _rows_of(output: ObjectStore, shard: str, cache: dict) -> list[dict]:
-    name = shard[: -len(".tar")] if shard.endswith(".tar") else shard
+    name = Output.name_of(shard)
     if name not in cache:
         cache[name] = decode_part(output.get(layout.manifest_key(name))).to_pylist()
     return cache[name]

@@ -56,12 +56,12 @@ def _status(args) -> int:
 
 
 def _audit(args) -> int:
-    from engine import job
     from pipelines.audit import audit
+    from storage.output import Output
     from storage.stores import open_store
 
     output = open_store(args.output)
-    if job.read(output) is None and not any(True for _ in output.list("manifest/")):
+    if not Output(output).is_output():
         raise ConfigError(f"{output.url} has no job.json and no manifest/: not a depth-engine OUTPUT")
     report = audit(output)
     if args.html:

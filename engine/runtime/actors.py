@@ -9,25 +9,24 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, TypeVar
 
 import ray
 
 from engine.models import resolve
+from engine.runtime.attempt import Attempt
 from labelers import plugins
 from labelers.devices import GpuSampler
 from labelers.ground_truth import GroundTruthRule
 from labelers.plugins import is_plugin
-from pipelines.commit import ClaimPolicy
 from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.pseudo_label import Labelers, ShardResult, label_shard
 from pipelines.tasks import Progress, ShardTask
+from storage.commit import ClaimPolicy
 from storage.s3_client import request_counts
 from storage.stores import open_store
-
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,8 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
 
 class _Worker:
     """What the scheduler asks of every actor: its name once the models are loaded, live
-    progress from a second concurrency group, and what each shard took (GPU, S3, memory)."""
+    progress from a second concurrency group, and each shard's result in the runtime's
+    envelope (who ran it; its time, memory, GPU and S3 requests). A flow defines ``work``."""
 
     def _started(self, device) -> None:
         gpus = ray.get_gpu_ids()
@@ -105,16 +105,20 @@ class _Worker:
     def progress(self) -> dict:
         return asdict(self.live)
 
-    def _measured(self, task: ShardTask, work: Callable[[Progress], R]) -> R:
+    def work(self, task: ShardTask, live: Progress):
+        raise NotImplementedError
+
+    def run(self, task: ShardTask) -> Attempt:
         self.live = Progress(extra={"shard": task.name})
         before = request_counts()
+        t0 = time.perf_counter()
         with GpuSampler(self.device) as gpu:
-            result = work(self.live)
+            result = self.work(task, self.live)
         after = request_counts()
-        result.gpu_utilization = gpu.mean
-        result.s3_requests = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
-        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        return result
+        return Attempt(result=result, worker=self.name, attempt=task.attempt, seconds=time.perf_counter() - t0,
+                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+                       gpu_utilization=gpu.mean,
+                       s3_requests={op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)})
 
 
 @ray.remote(concurrency_groups={"report": 1})
@@ -125,11 +129,10 @@ class LabelActor(_Worker):
         self.output = open_store(spec.output)
         self._started(self.labelers.device or "cpu")
 
-    def run(self, task: ShardTask) -> ShardResult:
-        return self._measured(task, lambda live: label_shard(
-            task, self.labelers, self.output, batch_size=self.spec.batch_size, threads=self.spec.threads,
-            worker=self.name, progress=live, claim=ClaimPolicy.of(self.spec.claim_seconds),
-            limits=self.spec.limits))
+    def work(self, task: ShardTask, live: Progress) -> ShardResult:
+        return label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
+                           threads=self.spec.threads, worker=self.name, progress=live,
+                           claim=ClaimPolicy.of(self.spec.claim_seconds), limits=self.spec.limits)
 
 
 @ray.remote(concurrency_groups={"report": 1})
@@ -142,7 +145,6 @@ class EvalActor(_Worker):
         self.teacher = load_labelers(replace(spec, sky=None, ground_truth=None)).teacher
         self._started(self.teacher.device)
 
-    def run(self, task: ShardTask) -> ShardEvaluation:
-        return self._measured(task, lambda live: evaluate_shard(
-            task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
-            threads=self.spec.threads, worker=self.name, progress=live))
+    def work(self, task: ShardTask, live: Progress) -> ShardEvaluation:
+        return evaluate_shard(task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
+                              threads=self.spec.threads, worker=self.name, progress=live)

@@ -6,7 +6,8 @@ killed, node lost), is retried, on whichever actor is free, until ``max_attempts
 actor is replaced. The replacement gets work only once it has loaded its models, so a
 cluster that lost a node goes on with the actors it has while the replacement waits for
 room. The caller decides what a result or a permanent failure means (counters, failed/
-markers): this loop only schedules.
+markers): this loop only schedules. What comes back is the actors' attempt envelope
+(engine.runtime.attempt), whatever the flow.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from ray.exceptions import (
 )
 
 from engine.errors import JobAborted, WorkerStartError
-from pipelines.pseudo_label import ShardResult
 from pipelines.tasks import ShardTask
 
 PER_ACTOR = 2
@@ -73,7 +73,7 @@ class _Actor:
 
 class Scheduler:
     def __init__(self, new_actor: Callable[[], object], n_actors: int, *, max_attempts: int,
-                 on_result: Callable[[ShardResult], None],
+                 on_result: Callable[[object], None],
                  on_failure: Callable[[ShardTask, list[dict]], None],
                  on_tick: Callable[[dict], None] = lambda live: None,
                  on_event: Callable[[str], None] = lambda msg: None,

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import ray
 
@@ -23,6 +25,12 @@ def start_ray(config) -> bool:
     return True
 
 
+# A CPU actor's memory beside its models: the Ray worker, torch, read-ahead and encode buffers
+# (peak worker RSS 1.1-1.5 GiB with a ViT-S teacher and a b0 segmenter, docs/BENCHMARKS.md).
+ACTOR_BASE_BYTES = 1 << 30
+MODEL_BYTES_FACTOR = 3          # weights, their load-time copy, activations
+
+
 @dataclass(frozen=True)
 class Layout:
     actors: int
@@ -30,14 +38,26 @@ class Layout:
     device: str
     torch_threads: int | None
     codec_threads: int       # decode/encode threads per actor
+    rule: str = ""           # why this layout, in words (the summary and bench print it)
+
+    def describe(self) -> str:
+        threads = f" x {self.torch_threads} thread{'s' if self.torch_threads != 1 else ''}" if self.torch_threads else ""
+        return f"{self.actors} {self.device} actor{'s' if self.actors != 1 else ''}{threads} ({self.rule})"
 
 
-def actor_layout(config) -> Layout:
-    """One actor per GPU, or ``--workers`` CPU actors sharing the CPUs.
+def actor_layout(config, model_bytes: int = 0) -> Layout:
+    """One actor per GPU; on CPUs, one single-threaded actor per core, as many as memory allows,
+    unless ``--workers`` says otherwise.
 
     On GPUs the decode/encode threads get the node's CPUs per GPU (at least ``config.threads``):
     JPEG decode and PNG encode cost about 22 ms of CPU per 0.36 MP image
     (docs/BENCHMARKS.md), so a GPU labeling hundreds of images/s needs several cores.
+
+    On CPUs, N one-thread processes beat one N-thread process: a model's small ops do not
+    split well over threads, and decode/encode of one actor overlap the models of another
+    (measured by ``depth-engine bench``, which times both layouts side by side). Each actor
+    holds its own copy of the models, so memory bounds the count (``model_bytes``: the job's
+    weight files).
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -45,7 +65,27 @@ def actor_layout(config) -> Layout:
     if config.device == "cuda" and not gpus:
         raise ConfigError("--device cuda, but the Ray cluster has no GPU")
     if gpus and config.device != "cpu":
-        return Layout(gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None, max(config.threads, cpus // gpus))
-    n = config.workers or 1
+        return Layout(gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", None, max(config.threads, cpus // gpus),
+                      "one actor per GPU")
+    if config.workers:
+        n = config.workers
+        rule = f"--workers {n}"
+    else:
+        memory = int(resources.get("memory", 0))
+        fit = memory // (ACTOR_BASE_BYTES + MODEL_BYTES_FACTOR * model_bytes) if memory else cpus
+        n = max(1, min(cpus, fit))
+        rule = "one actor per CPU" if n == cpus else f"{n} actors for {cpus} CPUs (memory allows {fit})"
     per = max(1, cpus // n)
-    return Layout(n, {"num_cpus": per}, "cpu", per, config.threads)
+    return Layout(n, {"num_cpus": per}, "cpu", per, config.threads, rule)
+
+
+@contextmanager
+def ray_session(config, model_bytes: int = 0) -> Iterator[Layout]:
+    """Ray attached or started for one job, and the actor layout on it; a Ray we started is
+    shut down on the way out."""
+    started = start_ray(config)
+    try:
+        yield actor_layout(config, model_bytes)
+    finally:
+        if started:
+            ray.shutdown()

@@ -17,8 +17,6 @@ epoch is reproducible whatever the split, and resumable by counting.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,10 +28,11 @@ import torch
 from PIL import Image
 
 from pipelines.decode import decode_image
-from pipelines.encode import DEPTH_MEMBER, depth_png_in_metres, read_depth_png
-from storage import layout
+from pipelines.encode import depth_png_in_metres
+from storage import label_format as fmt
 from storage.manifest import dataset
-from storage.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from storage.output import Output
+from storage.shards import iter_tar_samples
 from storage.stores import open_store
 
 _OK = ds.field("status") == "ok"
@@ -139,33 +138,22 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return decode_image(data)
 
 
-def decode_disparity(data: bytes) -> np.ndarray:
-    """`disp.png`: 16-bit grey, value = round(d * 65535) -> float32 d in [0, 1]."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """`sky.png` / `valid.png`: 8-bit grey, 255 where the mask holds."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")) > 127
-
-
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A tar sample -> (image uint8 HxWx3, disparity float32, valid bool, sky bool), all HxW.
 
     Pseudo-labels carry no valid.png: every pixel is valid, sky included (its label, 0, says
     "farthest"). Ground-truth conversions carry one. No sky.png (`--sky none`): no sky.
+    The codecs are storage.label_format's.
     """
     key = sample["__key__"]
-    image_ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
-    if image_ext is None or "disp.png" not in sample:
+    image_ext = fmt.image_member(sample)
+    if image_ext is None or fmt.DISP_MEMBER not in sample:
         raise ValueError(f"sample {key!r}: no image or no disp.png (members: {sorted(sample)})")
     image = decode_rgb(sample[image_ext])
-    disparity = decode_disparity(sample["disp.png"])
+    disparity = fmt.read_disparity_png(sample[fmt.DISP_MEMBER])
     shape = image.shape[:2]
-    valid = decode_mask(sample["valid.png"]) if "valid.png" in sample else np.ones(shape, bool)
-    sky = decode_mask(sample["sky.png"]) if "sky.png" in sample else np.zeros(shape, bool)
+    valid = fmt.read_mask_png(sample[fmt.VALID_MEMBER]) if fmt.VALID_MEMBER in sample else np.ones(shape, bool)
+    sky = fmt.read_mask_png(sample[fmt.SKY_MEMBER]) if fmt.SKY_MEMBER in sample else np.zeros(shape, bool)
     if not disparity.shape == valid.shape == sky.shape == shape:
         raise ValueError(f"sample {key!r}: label size {disparity.shape} differs from the image's {shape}")
     return image, disparity, valid, sky
@@ -338,8 +326,9 @@ class DepthShards(torch.utils.data.IterableDataset):
     def _shard_samples(self, plan: ShardPlan, skip: int) -> Iterator[dict]:
         cfg, url = self.config, self.config.outputs[plan.output]
         seen = 0
-        store = open_store(url)
-        with store.open_read(layout.SHARDS + plan.shard) as stream:
+        output = Output(open_store(url))
+        tar = output.shard_key(Output.name_of(plan.shard))
+        with output.store.open_read(tar) as stream:
             for sample in iter_tar_samples(stream):
                 key = sample["__key__"]
                 if not plan.wants(key):
@@ -349,8 +338,8 @@ class DepthShards(torch.utils.data.IterableDataset):
                     continue
                 image, disparity, valid, sky = decode_sample(sample)
                 depth = None
-                if self.depth[plan.output] and DEPTH_MEMBER in sample:
-                    depth = read_depth_png(sample[DEPTH_MEMBER])
+                if self.depth[plan.output] and fmt.DEPTH_MEMBER in sample:
+                    depth = fmt.read_depth_png(sample[fmt.DEPTH_MEMBER])
                     if depth.shape != disparity.shape:
                         raise ValueError(f"sample {key!r}: depth.png is {depth.shape}, the label {disparity.shape}")
                 rng = sample_rng(cfg.seed, self.epoch, plan.output, plan.shard, key)
@@ -358,18 +347,15 @@ class DepthShards(torch.utils.data.IterableDataset):
                 yield {**{name: torch.from_numpy(a) for name, a in arrays.items()},
                        "key": key, "shard": plan.shard, "output": url}
         if seen != plan.count:
-            raise ValueError(f"{store.url_of(layout.SHARDS + plan.shard)}: the manifest lists {plan.count} samples to "
+            raise ValueError(f"{output.store.url_of(tar)}: the manifest lists {plan.count} samples to "
                              f"train on, the tar holds {seen} of them (check it with `depth-engine verify`)")
 
 
 def _has_metric_depth(url: str) -> bool:
     """Whether this OUTPUT's `depth.png` members are metres x 256 (job.json says; an OUTPUT
     without job.json, or whose depth.png is in another unit, yields no `depth`)."""
-    try:
-        doc = json.loads(open_store(url).get(layout.JOB))
-    except FileNotFoundError:
-        return False
-    return depth_png_in_metres(doc.get("label") or {})
+    doc = Output(open_store(url)).job()
+    return doc is not None and depth_png_in_metres(doc.get("label") or {})
 
 
 # -- mixing labeled and pseudo-labeled samples (PAPER.md step 4) --------------------------------

@@ -11,7 +11,6 @@ an infinite depth.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,8 +25,9 @@ from pipelines.metrics import evaluate_disparity, mean_metrics
 from pipelines.student.errors import TrainSetupError
 from pipelines.student.loader import LoaderConfig, ShardPlan, decode_rgb, plan_shards
 from pipelines.student.train import MEAN, STD
-from storage import layout
-from storage.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from storage.label_format import image_member
+from storage.output import Output
+from storage.shards import iter_tar_samples
 from storage.stores import open_store
 
 
@@ -48,10 +48,9 @@ class ValSample:
 
 def open_val(url: str) -> ValSet:
     """The OUTPUT's samples and its ground-truth rule; an OUTPUT of pseudo-labels is refused."""
-    try:
-        label = json.loads(open_store(url).get(layout.JOB)).get("label") or {}
-    except FileNotFoundError:       # not written by the CLI: each sample's member says what it holds
-        label = {"ground_truth": {}}
+    job = Output(open_store(url)).job()
+    # Not written by the CLI (no job.json): each sample's member says what it holds.
+    label = (job.get("label") or {}) if job is not None else {"ground_truth": {}}
     if label.get("ground_truth") is None:
         raise TrainSetupError(f"train-student: --val {url} holds pseudo-labels, not ground truth: "
                               "give it a `depth-engine convert-gt` OUTPUT")
@@ -70,7 +69,7 @@ def centre_square(height: int, width: int) -> tuple[slice, slice]:
 
 def val_sample(sample: dict, rule: GroundTruthRule, crop: int) -> ValSample:
     key = sample["__key__"]
-    image_ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
+    image_ext = image_member(sample)
     if image_ext is None:
         raise ValueError(f"--val sample {key!r} has no image")
     image = decode_rgb(sample[image_ext])
@@ -85,9 +84,9 @@ def val_sample(sample: dict, rule: GroundTruthRule, crop: int) -> ValSample:
 
 def val_samples(val: ValSet, crop: int) -> Iterator[ValSample]:
     """Streamed shard by shard, every time: a holdout decoded once would sit in memory for the run."""
-    store = open_store(val.url)
+    output = Output(open_store(val.url))
     for plan in val.plans:
-        with store.open_read(layout.SHARDS + plan.shard) as stream:
+        with output.store.open_read(output.shard_key(Output.name_of(plan.shard))) as stream:
             for sample in iter_tar_samples(stream):
                 if plan.wants(sample["__key__"]):
                     yield val_sample(sample, val.rule, crop)

@@ -1,0 +1,119 @@
+"""The members of a labeled sample and the codec of each label PNG (SPEC §3).
+
+Written once, here, because the writer (pipelines.encode) and every reader (evaluate, verify,
+the student loader, the audit page) must agree to the bit: a reader that rescaled by 65536, or
+looked for the image under another rule, would read wrong labels without an error. Pure
+functions of arrays and bytes; which member a sample carries, and when, is the writer's call.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+# -- member names (the part of a tar member's name after `<key>.`) -------------------------------
+
+DISP_MEMBER = "disp.png"     # the normalized disparity, always present in an ok sample
+SKY_MEMBER = "sky.png"       # the sky mask (absent with `--sky none`)
+VALID_MEMBER = "valid.png"   # the pixels with ground truth (ground-truth conversions only)
+CONF_MEMBER = "conf.png"     # the teacher's confidence, where the teacher gives one
+DEPTH_MEMBER = "depth.png"   # metres x 256 (`label --keep-depth`), or an input's, carried through
+JSON_MEMBER = "json"         # the sample's metadata
+# The engine's own members: an input member of one of these names is replaced, never carried.
+# depth.png is not one: an input's ground truth is carried unless --keep-depth writes the teacher's.
+RESERVED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER, JSON_MEMBER)
+# The label PNGs the engine writes at the image's size (after EXIF orientation).
+IMAGE_SIZED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER)
+# Extensions of the image member, compared lowercase.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
+
+
+def image_member(members: Iterable[str]) -> str | None:
+    """The image member of a sample (a sample dict or its member names, in tar order): the
+    first whose extension is an image's; None when there is none."""
+    return next((e for e in members if e.lower() in IMAGE_EXTENSIONS), None)
+
+
+# -- the codecs ------------------------------------------------------------------------------------
+
+# zlib level 1: labels are 3-4x faster to write than at PIL's default and only ~2% larger.
+PNG_LEVEL = 1
+DISP_LEVELS = 65535          # disp.png: stored value = round(d * 65535), d the disparity in [0, 1]
+MASK_ON = 255                # sky.png / valid.png: 255 where the mask holds, 0 elsewhere
+CONF_LEVELS = 255            # conf.png: round(c * 255); 255 = most confident, 0 = least or none
+DEPTH_SCALE = 256.0          # depth.png (the KITTI convention): round(metres * 256); 0 = no depth
+DEPTH_MAX_VALUE = 65535      # the largest value; depth beyond 256 m is stored as 0 (no depth)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    """A label member's stored values; a member named .png that is not a PNG is refused."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+        return np.asarray(im)
+
+
+def disparity_png(d: np.ndarray) -> bytes:
+    """16-bit grayscale PNG, value = round(d * 65535), d clipped to [0, 1]."""
+    return _png(np.rint(np.clip(d, 0.0, 1.0) * float(DISP_LEVELS)).astype(np.uint16))
+
+
+def read_disparity_png(data: bytes, dtype=np.float32) -> np.ndarray:
+    """disp.png -> d in [0, 1] HxW as ``dtype`` (a trainer wants float32, the metrics float64)."""
+    dtype = np.dtype(dtype)
+    return _pixels(data).astype(dtype) / dtype.type(DISP_LEVELS)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """8-bit grayscale PNG, 255 where the mask holds."""
+    return _png(np.where(mask, MASK_ON, 0).astype(np.uint8))
+
+
+def read_mask_png(data: bytes) -> np.ndarray:
+    """sky.png / valid.png -> bool HxW (any mode, read as 8-bit grey above half)."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+        return np.asarray(im.convert("L")) > MASK_ON // 2
+
+
+def conf_png(confidence: np.ndarray) -> bytes:
+    """Confidence as an 8-bit grayscale PNG, value = round(c * 255); non-finite c is 0."""
+    c = np.nan_to_num(np.asarray(confidence, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return _png(np.rint(np.clip(c, 0.0, 1.0) * CONF_LEVELS).astype(np.uint8))
+
+
+def read_conf_png(data: bytes) -> np.ndarray:
+    """conf.png -> float32 confidence HxW in [0, 1] (within 1/510 of the teacher's)."""
+    value = _pixels(data)
+    if value.ndim != 2 or value.dtype != np.uint8:
+        raise ValueError(f"conf.png must be single-channel 8-bit, got {value.dtype} {value.shape}")
+    return value.astype(np.float32) / np.float32(CONF_LEVELS)
+
+
+def depth_png(depth: np.ndarray, sky: np.ndarray | None = None) -> bytes:
+    """Metric depth as a 16-bit grayscale PNG, value = round(metres * 256), 0 = no depth.
+
+    0 on sky, on non-finite or <= 0 depth, and beyond 256 m (a value clipped to 65535 would read
+    as a real, wrong distance). Within 1/256 m everywhere else: a depth in (255.996, 256] m is
+    stored as 65535, a positive depth under 1/512 m as 1, not as "no depth"."""
+    depth = np.asarray(depth, dtype=np.float64)
+    ok = np.isfinite(depth) & (depth > 0)
+    if sky is not None:
+        ok &= ~np.asarray(sky, dtype=bool)
+    value = np.rint(np.where(ok, depth, 0.0) * DEPTH_SCALE)
+    ok &= value <= DEPTH_MAX_VALUE + 1
+    return _png(np.where(ok, np.clip(value, 1, DEPTH_MAX_VALUE), 0).astype(np.uint16))
+
+
+def read_depth_png(data: bytes) -> np.ndarray:
+    """depth.png -> float32 metres HxW, 0 where there is no depth (the file's own convention;
+    mask with ``depth > 0``)."""
+    value = _pixels(data)
+    if value.ndim != 2 or value.dtype.kind not in "iu":
+        raise ValueError(f"depth.png must be single-channel 16-bit, got {value.dtype} {value.shape}")
+    return (value.astype(np.float32) / np.float32(DEPTH_SCALE)).astype(np.float32)

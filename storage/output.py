@@ -1,0 +1,106 @@
+"""One OUTPUT as its readers see it (SPEC §2; the keys are storage.layout's): whether a URL
+holds an OUTPUT at all, which shards are committed, failed or pending, and where a shard's
+tar is.
+
+Asked of one view so that resume, status, audit, verify, evaluate and the trainer decide and
+count alike. Everything here comes from listings and at most one small GET (job.json): no
+shard or manifest part is read. What job.json's fields mean is the engine's (engine/job.py);
+this only says whether it is there and hands over the parsed object.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from storage import layout
+from storage.objectstore import ObjectStore
+
+_PART = ".parquet"     # manifest/<name>.parquet: the shard is committed
+_MARKER = ".json"      # failed/<name>.json: the shard used up its attempts
+_TAR = ".tar"          # a manifest row's `shard` is the tar's file name, "<name>.tar"
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    total: int
+    committed: int
+    failed: int
+    pending: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ShardStates:
+    """Which shards are committed and which failed, from one listing of manifest/ and one of
+    failed/. A shard that failed and later committed (a retry) is committed: its failed/
+    marker is history, not a state."""
+
+    committed: frozenset[str]
+    failed: frozenset[str]      # failed and not committed
+
+    def pending(self, names: Iterable[str]) -> list[str]:
+        """``names``, in their order, less the committed and the failed."""
+        return [n for n in names if n not in self.committed and n not in self.failed]
+
+    def counts(self, names: Iterable[str]) -> ShardCounts:
+        """``names`` (one per shard asked for) counted as committed, failed or pending."""
+        names = list(names)
+        committed = sum(n in self.committed for n in names)
+        failed = sum(n in self.failed for n in names)
+        return ShardCounts(len(names), committed, failed, len(names) - committed - failed)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A view over one OUTPUT store; each call lists or reads afresh (nothing is cached)."""
+
+    store: ObjectStore
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def is_output(self) -> bool:
+        """job.json or at least one manifest part. A URL with neither is a typo or an INPUT:
+        auditing or verifying it would vacuously pass."""
+        if self.store.info(layout.JOB) is not None:
+            return True
+        return any(layout.name_from_key(o.key, layout.MANIFEST, _PART) for o in self.store.list(layout.MANIFEST))
+
+    def job(self) -> dict | None:
+        """job.json as parsed JSON, unchecked; None when there is none."""
+        try:
+            return json.loads(self.store.get(layout.JOB))
+        except FileNotFoundError:
+            return None
+
+    def committed(self) -> frozenset[str]:
+        """Names with a manifest part (one listing: a part's presence means committed)."""
+        return frozenset(layout.listed_names(self.store, layout.MANIFEST, _PART))
+
+    def failed(self) -> frozenset[str]:
+        """Names that used up their attempts and are not committed."""
+        return self.states().failed
+
+    def states(self) -> ShardStates:
+        committed = self.committed()
+        return ShardStates(committed, frozenset(layout.listed_names(self.store, layout.FAILED, _MARKER)) - committed)
+
+    def pending(self, names: Iterable[str]) -> list[str]:
+        return self.states().pending(names)
+
+    def counts(self, names: Iterable[str]) -> ShardCounts:
+        return self.states().counts(names)
+
+    def shard_key(self, name: str) -> str:
+        """The key of shard ``name``'s tar. Every reader asks here, so where a shard's tar lives
+        is decided in one place."""
+        return layout.shard_key(name)
+
+    @staticmethod
+    def name_of(shard: str) -> str:
+        """A manifest row's ``shard`` ("<name>.tar") -> the shard's name."""
+        return shard[: -len(_TAR)] if shard.endswith(_TAR) else shard

@@ -1,0 +1,180 @@
+"""The label format (storage/label_format.py) against numbers worked out here with numpy and
+PIL, and the Output view (storage/output.py) on a local OUTPUT made in the test."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import label_format as fmt
+from storage import layout
+from storage.output import Output, ShardCounts
+from storage.stores import open_store
+
+RNG = np.random.default_rng(7)
+SHAPE = (23, 41)
+
+
+def stored(data: bytes) -> tuple[str, np.ndarray]:
+    """What a PNG holds, read by PIL alone."""
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return im.mode, np.asarray(im)
+
+
+def round_half_up(x: np.ndarray) -> np.ndarray:
+    """Rounding to the nearest integer; the random values below never fall on a half."""
+    return np.floor(x + 0.5)
+
+
+# -- codecs ---------------------------------------------------------------------------------------
+
+def test_disparity_is_16_bit_d_times_65535_and_reads_back_in_either_dtype():
+    d = RNG.uniform(-0.2, 1.2, SHAPE)
+    d[0, :3] = [0.0, 1.0, 0.5 / 65535 + 0.25]
+    data = fmt.disparity_png(d)
+    mode, value = stored(data)
+    want = round_half_up(np.minimum(np.maximum(d, 0.0), 1.0) * 65535).astype(np.int64)
+    assert mode == "I;16" and value.dtype == np.uint16
+    np.testing.assert_array_equal(value.astype(np.int64), want)
+    assert value[0, 0] == 0 and value[0, 1] == 65535
+    as32 = fmt.read_disparity_png(data)
+    as64 = fmt.read_disparity_png(data, np.float64)
+    assert as32.dtype == np.float32 and as64.dtype == np.float64
+    np.testing.assert_array_equal(as64, want / 65535.0)
+    np.testing.assert_array_equal(as32, want.astype(np.float32) / np.float32(65535.0))
+    np.testing.assert_allclose(as64, np.clip(d, 0, 1), atol=0.5 / 65535 + 1e-12)
+
+
+def test_mask_is_8_bit_255_where_it_holds():
+    mask = RNG.random(SHAPE) > 0.6
+    data = fmt.mask_png(mask)
+    mode, value = stored(data)
+    assert mode == "L"
+    np.testing.assert_array_equal(value, np.where(mask, 255, 0))
+    back = fmt.read_mask_png(data)
+    assert back.dtype == bool
+    np.testing.assert_array_equal(back, mask)
+
+
+def test_confidence_is_8_bit_c_times_255_non_finite_as_0():
+    c = RNG.uniform(-0.1, 1.1, SHAPE).astype(np.float32)
+    c[0, :3] = [np.nan, np.inf, -np.inf]
+    data = fmt.conf_png(c)
+    mode, value = stored(data)
+    finite = np.where(np.isfinite(c), c, 0.0).astype(np.float64)
+    want = round_half_up(np.minimum(np.maximum(finite, 0.0), 1.0) * 255)
+    assert mode == "L"
+    np.testing.assert_array_equal(value, want)
+    back = fmt.read_conf_png(data)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, want.astype(np.float32) / np.float32(255))
+
+
+def expected_depth(metres: np.ndarray, sky: np.ndarray | None) -> np.ndarray:
+    """The KITTI convention pixel by pixel: round(m * 256) in [1, 65535]; 0 for no depth, for
+    sky, and beyond 256 m (65536 and up would be clipped into a real, wrong distance)."""
+    want = np.zeros(metres.shape, np.int64)
+    for (i, j), m in np.ndenumerate(metres):
+        if np.isfinite(m) and m > 0 and (sky is None or not sky[i, j]):
+            v = int(round_half_up(m * 256))
+            want[i, j] = min(max(v, 1), 65535) if v <= 65536 else 0
+    return want
+
+
+def test_depth_is_metres_times_256_zero_for_none_sky_and_beyond_256_m():
+    metres = RNG.uniform(0.5, 300.0, SHAPE)
+    metres[0, :6] = [np.nan, np.inf, -3.0, 0.0, 1e-4, 255.999]
+    metres[1, :4] = [1.0, 2.0, 3.0, 4.0]
+    sky = np.zeros(SHAPE, bool)
+    sky[1, :4] = True
+    for mask in (sky, None):
+        data = fmt.depth_png(metres, mask)
+        mode, value = stored(data)
+        want = expected_depth(metres, mask)
+        assert mode == "I;16"
+        np.testing.assert_array_equal(value.astype(np.int64), want)
+        back = fmt.read_depth_png(data)
+        assert back.dtype == np.float32
+        np.testing.assert_array_equal(back, want.astype(np.float32) / np.float32(256))
+    assert value[0, 4] == 1 and value[0, 5] == 65535     # tiny is not "none"; just under 256 m is kept
+    assert (metres > 256).any() and (value[metres > 256] == 0).all()
+    assert (value[1, :4] > 0).all() and (stored(fmt.depth_png(metres, sky))[1][1, :4] == 0).all()
+
+
+def test_the_writer_level_is_zlib_1():
+    """Bytes written are the format's: the same array saved by PIL at level 1 is the same file."""
+    d = RNG.random(SHAPE)
+    u16 = round_half_up(d * 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(u16).save(buf, format="PNG", compress_level=1)
+    assert fmt.disparity_png(d) == buf.getvalue()
+
+
+@pytest.mark.parametrize("reader", [fmt.read_disparity_png, fmt.read_mask_png, fmt.read_conf_png,
+                                    fmt.read_depth_png])
+def test_a_label_member_that_is_not_a_png_is_refused(reader):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros(SHAPE, np.uint8)).save(buf, format="BMP")
+    with pytest.raises(OSError):
+        reader(buf.getvalue())
+
+
+def test_the_image_member_is_the_first_with_an_image_extension():
+    assert fmt.image_member({"__key__": "k", "json": b"", "disp.png": b"", "JPG": b"", "png": b""}) == "JPG"
+    assert fmt.image_member(["__key__", "txt", "depth.png"]) is None
+    assert fmt.image_member(["webp", "jpg"]) == "webp"
+    assert set(fmt.RESERVED) == {"disp.png", "sky.png", "valid.png", "conf.png", "json"}
+
+
+# -- the Output view --------------------------------------------------------------------------------
+
+def put(store, key: str, data: bytes = b"x") -> None:
+    store.put(key, data)
+
+
+def test_output_from_listings(tmp_path):
+    out = Output(open_store(str(tmp_path / "out")))
+    assert not out.is_output() and out.job() is None
+    put(out.store, "manifest/notes.txt")                  # not a manifest part
+    put(out.store, "manifest/deep/x.parquet")             # not one either: a name has no '/'
+    assert not out.is_output()
+    put(out.store, layout.manifest_key("a"))
+    put(out.store, layout.manifest_key("b"))
+    put(out.store, layout.failed_key("b"))                # failed, then committed on a retry
+    put(out.store, layout.failed_key("c"))
+    assert out.is_output()                                # a manifest part, no job.json
+    assert out.committed() == {"a", "b"}
+    assert out.failed() == {"c"}
+    assert out.pending(["e", "a", "c", "d", "b"]) == ["e", "d"]
+    assert out.counts(["a", "b", "c", "d", "e"]) == ShardCounts(total=5, committed=2, failed=1, pending=2)
+    assert out.counts([]).to_json() == {"total": 0, "committed": 0, "failed": 0, "pending": 0}
+    assert out.shard_key("a") == "shards/a.tar" and Output.name_of("a.tar") == "a"
+
+
+def test_job_json_alone_makes_an_output(tmp_path):
+    out = Output(open_store(str(tmp_path / "out")))
+    put(out.store, layout.JOB, json.dumps({"shards": ["/in/a.tar"]}).encode())
+    assert out.is_output() and out.job() == {"shards": ["/in/a.tar"]}
+    assert out.committed() == frozenset() and out.failed() == frozenset()
+
+
+def test_status_audit_and_resume_count_alike(tmp_path):
+    from engine.plan import plan
+    from engine.status import status
+    from pipelines.audit import shard_counts
+
+    store = open_store(str(tmp_path / "out"))
+    inputs = [f"/in/{n}.tar" for n in "abcde"]
+    put(store, layout.JOB, json.dumps({"shards": inputs}).encode())
+    for key in (layout.manifest_key("a"), layout.manifest_key("b"), layout.failed_key("b"), layout.failed_key("c")):
+        put(store, key)
+    counts = {"total": 5, "committed": 2, "failed": 1, "pending": 2}
+    assert status(store) == {**counts, "failed_shards": ["c"]}
+    assert shard_counts(store) == counts
+    p = plan(store, inputs)
+    assert (p.todo, p.committed, p.failed, p.total) == (["/in/d.tar", "/in/e.tar"], ["a", "b"], ["c"], 5)
+    assert plan(store, inputs, retry_failed=True).todo == ["/in/c.tar", "/in/d.tar", "/in/e.tar"]
