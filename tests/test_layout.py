@@ -24,7 +24,7 @@ def config(**kw) -> LabelConfig:
 def test_one_single_threaded_actor_per_cpu(four_cpus):
     lay = actor_layout(config())
     assert (lay.actors, lay.options, lay.torch_threads) == (4, {"num_cpus": 1}, 1)
-    assert lay.describe() == "4 cpu actors x 1 thread (one actor per CPU)"
+    assert lay.describe() == "4 cpu actors x 1 thread: one actor per CPU"
 
 
 def test_workers_overrides_the_rule(four_cpus):
@@ -40,6 +40,6 @@ def test_memory_bounds_the_actors(four_cpus):
     model_bytes = (per_actor - ACTOR_BASE_BYTES) // MODEL_BYTES_FACTOR
     lay = actor_layout(config(), model_bytes=model_bytes)
     assert (lay.actors, lay.options, lay.torch_threads) == (2, {"num_cpus": 2}, 2)
-    assert "memory allows 2" in lay.describe()
+    assert "memory holds 2 copies" in lay.describe()
     huge = actor_layout(config(), model_bytes=memory)      # not even one fits: still one actor
     assert (huge.actors, huge.torch_threads) == (1, 4)

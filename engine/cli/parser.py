@@ -54,7 +54,7 @@ def _resource_arguments(p: argparse.ArgumentParser) -> None:
     """What every engine job takes (label, convert-gt, evaluate): batches, actors, device."""
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="CPU actors (GPU runs use one actor per GPU)")
+                   help="CPU actors sharing the CPUs (default: one single-threaded actor per CPU, as memory allows; GPU runs use one actor per GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     p.add_argument("--max-attempts", type=int, default=3, metavar="N")

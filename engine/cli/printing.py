@@ -40,7 +40,7 @@ def print_summary(s: dict, as_json: bool) -> None:
     print(f"{s['wall_seconds']:.1f} s ({s.get('startup_seconds', 0):.1f} s start-up), "
           f"{s['images_per_second']:.2f} images/s, "
           f"models busy {100 * s['model_busy_fraction']:.0f}% of actor time "
-          f"({s['workers']} worker(s) on {s['device'] or 'n/a'})"
+          f"({s.get('layout') or str(s['workers']) + ' worker(s) on ' + (s['device'] or 'n/a')})"
           + (f", GPU {s['gpu_utilization']:.0f}% busy" if s.get("gpu_utilization") is not None else ""))
     stages = s.get("stage_seconds") or {}
     if stages:

@@ -42,7 +42,7 @@ class Layout:
 
     def describe(self) -> str:
         threads = f" x {self.torch_threads} thread{'s' if self.torch_threads != 1 else ''}" if self.torch_threads else ""
-        return f"{self.actors} {self.device} actor{'s' if self.actors != 1 else ''}{threads} ({self.rule})"
+        return f"{self.actors} {self.device} actor{'s' if self.actors != 1 else ''}{threads}: {self.rule}"
 
 
 def actor_layout(config, model_bytes: int = 0) -> Layout:
@@ -74,7 +74,7 @@ def actor_layout(config, model_bytes: int = 0) -> Layout:
         memory = int(resources.get("memory", 0))
         fit = memory // (ACTOR_BASE_BYTES + MODEL_BYTES_FACTOR * model_bytes) if memory else cpus
         n = max(1, min(cpus, fit))
-        rule = "one actor per CPU" if n == cpus else f"{n} actors for {cpus} CPUs (memory allows {fit})"
+        rule = "one actor per CPU" if n == cpus else f"Ray's memory holds {fit} copies of the models for {cpus} CPUs"
     per = max(1, cpus // n)
     return Layout(n, {"num_cpus": per}, "cpu", per, config.threads, rule)
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+# DINOv2 (and Depth Anything) see ImageNet-normalized RGB; the loader yields [0, 1].
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
 
 @dataclass(frozen=True)
 class Head:

@@ -37,14 +37,16 @@ from pipelines.student.losses import (
     cutmix_loss,
     feature_alignment_loss,
 )
-from pipelines.student.model import from_dinov2, frozen_features, student_features
+from pipelines.student.model import (
+    MEAN,
+    STD,
+    from_dinov2,
+    frozen_features,
+    student_features,
+)
 from pipelines.student.perturb import CutMix, StrongAugment
 from pipelines.student.runlog import RunLog
 from storage.stores import open_store
-
-# DINOv2 (and Depth Anything) see ImageNet-normalized RGB; the loader yields [0, 1].
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from labelers.ground_truth import GroundTruthRule, decode_ground_truth
 from pipelines.metrics import evaluate_disparity, mean_metrics
 from pipelines.student.errors import TrainSetupError
 from pipelines.student.loader import LoaderConfig, ShardPlan, decode_rgb, plan_shards
-from pipelines.student.train import MEAN, STD
+from pipelines.student.model import MEAN, STD
 from storage.label_format import image_member
 from storage.output import Output
 from storage.shards import iter_tar_samples
