@@ -25,9 +25,10 @@ def start_ray(config) -> bool:
     return True
 
 
-# A CPU actor's memory beside its models: the Ray worker, torch, read-ahead and encode buffers
-# (peak worker RSS 1.1-1.5 GiB with a ViT-S teacher and a b0 segmenter, docs/BENCHMARKS.md).
-ACTOR_BASE_BYTES = 1 << 30
+# A CPU actor's memory beside its models: the Ray worker, torch, read-ahead, the sky model's
+# class maps at the image's size, encode buffers (peak worker RSS 2.8 GiB with a ViT-S teacher
+# at 518 and a b0 segmenter at 512 on photos up to 1280x720, docs/BENCHMARKS.md).
+ACTOR_BASE_BYTES = 3 << 30
 MODEL_BYTES_FACTOR = 3          # weights, their load-time copy, activations
 
 
