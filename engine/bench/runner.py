@@ -12,7 +12,7 @@ and the ratios of the engine to each. Steady-state rates exclude cluster start a
 which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
-``--plan N`` / ``--audit N``: see engine.bench.scale. ``--teachers``: see engine.bench.teachers.
+``--plan N`` / ``--audit N``: see engine.bench.scale. ``--compare N``: see engine.bench.compare. ``--teachers``: see engine.bench.teachers.
 ``--train``: see engine.bench.train.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class BenchConfig:
     workdir: str | None = None
     plan: int = 0                         # committed shards for the planning figure
     audit: int = 0                        # manifest rows for the audit figure
+    compare: int = 0                      # samples per side for the compare figure
     output: str | None = None             # OUTPUT of the end-to-end runs, or of --plan/--audit
     repeats: int = 3
     baselines: bool = True                # model-only, Ray Data and naive figures beside the engine's
@@ -118,6 +119,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
     if cfg.audit:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
+    if cfg.compare:
+        from engine.bench.compare import compare_figures
+
+        return {"machine": machine(), "compare": compare_figures(cfg.output or str(root / "compare"), cfg.compare)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
     if cfg.train:
@@ -304,6 +309,11 @@ def print_report(r: dict) -> None:
         for a in r["aspects"]:
             print(f"  aspect {a['aspect']:>5g}:1  input {a['teacher_input']:>10}  {a['tokens']:>6} tokens  "
                   f"{a['seconds']:.3f} s  ({a['time_vs_first']:.2f}x aspect {r['aspects'][0]['aspect']:g})")
+        return
+    if "compare" in r:
+        from engine.bench.compare import print_compare
+
+        print_compare(r["compare"])
         return
     if "audit" in r:
         a = r["audit"]

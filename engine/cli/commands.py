@@ -41,6 +41,24 @@ def _evaluate(args) -> int:
     return 3 if report["failed_shards"] else 0
 
 
+def _compare(args) -> int:
+    from engine.compare import CompareConfig, compare, print_report
+
+    config = CompareConfig(a=args.a, b=args.b, sample=args.sample, out=args.out, worst=args.worst, sky=args.sky,
+                           batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+                           max_attempts=args.max_attempts, ray_address=args.ray_address,
+                           progress=sys.stderr.isatty() or not args.json)
+    report = compare(config)
+    if args.html:
+        from engine.cli.compare_html import write_compare_html
+        from storage.stores import open_store
+
+        b = open_store(report["b"]) if report["b_kind"] == "output" else None
+        write_compare_html(report, open_store(report["a"]), b, args.html)
+    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    return 3 if report["failed_shards"] else 0
+
+
 def _status(args) -> int:
     from engine.status import status
     from storage.stores import open_store
@@ -116,7 +134,7 @@ def _train_student(args) -> int:
                           ratio=_ratio(args.ratio), trim=args.trim, alpha=args.alpha, cutmix_p=args.cutmix_p,
                           save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
                           loader_workers=args.loader_workers, dtype=args.dtype, clip_grad=args.clip_grad,
-                          accum=args.accum, val=args.val, val_every=args.val_every)
+                          accum=args.accum, val=args.val, val_every=args.val_every, exclude=tuple(args.exclude or ()))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     ray_flags = (args.ray_address, args.ray_workers, args.gpus_per_worker, args.cpus_per_worker)
@@ -185,13 +203,13 @@ def _bench(args) -> int:
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
         train=args.train, batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        workdir=args.workdir, plan=args.plan, audit=args.audit, output=args.output,
+        workdir=args.workdir, plan=args.plan, audit=args.audit, compare=args.compare, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print(json.dumps(report, indent=2)) if args.json else print_report(report)
     return 0
 
 
-COMMANDS = {"label": _label, "convert-gt": _label, "evaluate": _evaluate, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
+COMMANDS = {"label": _label, "convert-gt": _label, "evaluate": _evaluate, "compare": _compare, "status": _status, "audit": _audit, "verify": _verify, "bench": _bench,
             "train-student": _train_student,
             "demo": _demo}

@@ -110,6 +110,19 @@ def build_parser() -> Parser:
     _ground_truth_arguments(ev)
     _resource_arguments(ev)
 
+    cmp_ = sub.add_parser("compare", help="two label sets side by side, per sample: agreement after "
+                          "scale-and-shift alignment, sky IoU, inverted labels")
+    cmp_.add_argument("a", metavar="A", help="an OUTPUT")
+    cmp_.add_argument("b", metavar="B", help="the reference: an OUTPUT, or a teacher (a model, "
+                      "or plugin:NAME) that labels A's sampled images now")
+    cmp_.add_argument("--sample", type=float, default=1.0, metavar="F",
+                      help="compare a fraction of the samples, chosen by a hash of shard and key (default: all)")
+    cmp_.add_argument("--out", default=None, metavar="PARQUET", help="one row per compared sample (local or s3://)")
+    cmp_.add_argument("--html", default=None, metavar="FILE", help="write the worst pairs as a contact sheet")
+    cmp_.add_argument("--worst", type=int, default=24, metavar="N", help="the worst pairs kept (default: 24)")
+    cmp_.add_argument("--sky", default=None, metavar="MODEL",
+                      help="B a teacher: its sky model, or none (default: the one A was labeled with)")
+    _resource_arguments(cmp_)
     st = sub.add_parser("status", help="committed / failed / pending shards of OUTPUT")
     st.add_argument("output", metavar="OUTPUT")
     st.add_argument("--json", action="store_true")
@@ -140,6 +153,8 @@ def build_parser() -> Parser:
     b.add_argument("--workdir", default=None, metavar="DIR")
     b.add_argument("--plan", type=int, default=0, metavar="N",
                    help="only time resume planning over an OUTPUT with N committed shards")
+    b.add_argument("--compare", type=int, default=0, metavar="N",
+                   help="only compare: two synthetic OUTPUTs of N samples each, all and a 1%% sample")
     b.add_argument("--audit", type=int, default=0, metavar="ROWS",
                    help="only time `audit --json` over a synthetic manifest of ROWS rows")
     b.add_argument("--output", default=None, metavar="URL",
@@ -210,6 +225,10 @@ def build_parser() -> Parser:
                     help="a convert-gt OUTPUT to score the student on (AbsRel, delta1); keeps best/")
     tr.add_argument("--val-every", type=int, default=None, metavar="N",
                     help="validate every N steps and at the last (default: every --save-every)")
+    tr.add_argument("--exclude", action="append", metavar="PARQUET[:COLUMN]",
+                    help="leave the (shard, key) rows of this Parquet file out of the --pseudo OUTPUTs; with "
+                         ":COLUMN only the rows where that boolean column is true (e.g. `compare --out`'s "
+                         "FILE:disagree); repeatable")
 
     demo = sub.add_parser("demo", help="label sample photos with a local Ray (offline-capable)")
     demo.add_argument("output", metavar="OUTPUT", nargs="?", default="demo-output")

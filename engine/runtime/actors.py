@@ -20,6 +20,7 @@ from labelers import plugins
 from labelers.devices import GpuSampler
 from labelers.ground_truth import GroundTruthRule
 from labelers.plugins import is_plugin
+from pipelines.compare import ShardComparison, compare_shard
 from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.pseudo_label import Labelers, ShardResult, label_shard
@@ -46,6 +47,20 @@ class WorkerSpec:
     torch_threads: int | None = None
     claim_seconds: float = 60.0
     limits: SampleLimits = SampleLimits()
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """What a compare worker needs: the two OUTPUTs (B None: the ``teacher`` labels A's images)."""
+
+    a: str
+    b: str | None
+    fraction: float = 1.0
+    teacher: WorkerSpec | None = None
+    device: str = "cpu"
+    batch_size: int = 8
+    threads: int = 4
+    torch_threads: int | None = None
 
 
 def _check_same_weights(source: str, found: str, expected: str) -> None:
@@ -148,3 +163,23 @@ class EvalActor(_Worker):
     def work(self, task: ShardTask, live: Progress) -> ShardEvaluation:
         return evaluate_shard(task, self.teacher, self.spec.ground_truth, batch_size=self.spec.batch_size,
                               threads=self.spec.threads, worker=self.name, progress=live)
+
+
+@ray.remote(concurrency_groups={"report": 1})
+class CompareActor(_Worker):
+    """Two label sets of one shard side by side (pipelines.compare); B a stored OUTPUT, or a
+    teacher loaded here that labels A's sampled images."""
+
+    def __init__(self, spec: CompareSpec):
+        self.spec = spec
+        self.a = open_store(spec.a)
+        self.b = open_store(spec.b) if spec.b else None
+        self.labelers = None
+        if spec.teacher:
+            self.labelers = load_labelers(replace(spec.teacher, device=spec.device, torch_threads=spec.torch_threads))
+        self._started((self.labelers.device if self.labelers else None) or "cpu")
+
+    def work(self, task: ShardTask, live: Progress) -> ShardComparison:
+        return compare_shard(task, self.a, self.b, fraction=self.spec.fraction, labelers=self.labelers,
+                             batch_size=self.spec.batch_size, threads=self.spec.threads, worker=self.name,
+                             progress=live)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipelines.decode import decode_image
 from pipelines.encode import depth_png_in_metres
+from pipelines.student.exclude import check_specs, excluded_keys
 from storage import label_format as fmt
 from storage.manifest import dataset
 from storage.output import Output
@@ -46,11 +47,13 @@ class LoaderConfig:
     filter: ds.Expression | None = None  # manifest rows to train on; None: status == "ok"
     seed: int = 0
     flip: bool = True                   # random horizontal flip, p = 0.5
+    exclude: tuple[str, ...] = ()       # Parquet files (PATH or PATH:COLUMN) of (shard, key) rows to leave out
 
     def __post_init__(self) -> None:
         if isinstance(self.outputs, str) or not self.outputs:
             raise ValueError("LoaderConfig.outputs must be a non-empty tuple of OUTPUT URLs")
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "exclude", check_specs(self.exclude))
         if self.crop < 1:
             raise ValueError(f"crop must be positive, got {self.crop}")
         if self.seed < 0:
@@ -75,13 +78,15 @@ class ShardPlan:
         return (key in self.keys) != self.exclude
 
 
-def _part_plans(fragment, schema, keep, output: int) -> list[ShardPlan]:
-    """Plans of the shards one manifest part describes (one, for a depth-engine OUTPUT)."""
+def _part_plans(fragment, schema, keep, output: int, excluded: dict[str, frozenset]) -> list[ShardPlan]:
+    """Plans of the shards one manifest part describes (one, for a depth-engine OUTPUT); the
+    keys `excluded` names (shard name -> keys, pipelines.student.exclude) count as filtered out."""
     table = fragment.to_table(
         schema=schema, filter=_OK,
         columns={"key": ds.field("key"), "shard": ds.field("shard"), "keep": keep})
     rows: dict[str, tuple[list, list]] = {}
     for key, shard, kept in zip(*(table.column(c).to_pylist() for c in ("key", "shard", "keep"))):
+        kept = kept and key not in excluded.get(Output.name_of(shard), ())
         rows.setdefault(shard, ([], []))[0 if kept else 1].append(key)  # null (e.g. no sky model): out
     plans = []
     for shard, (kept, dropped) in rows.items():
@@ -98,11 +103,13 @@ def plan_shards(config: LoaderConfig) -> list[ShardPlan]:
     null is left out (e.g. `sky_fraction < x` on an OUTPUT labeled with `--sky none`).
     """
     plans: list[ShardPlan] = []
+    excluded = excluded_keys(config.exclude)
     for index, url in enumerate(config.outputs):
         manifest = dataset(open_store(url))
         keep = _OK if config.filter is None else config.filter
         with ThreadPoolExecutor(_MANIFEST_THREADS) as pool:
-            parts = pool.map(lambda f: _part_plans(f, manifest.schema, keep, index), manifest.get_fragments())
+            parts = pool.map(lambda f: _part_plans(f, manifest.schema, keep, index, excluded),
+                             manifest.get_fragments())
             found = [p for part in parts for p in part]
         names = [p.shard for p in found]
         if len(names) != len(set(names)):

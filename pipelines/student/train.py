@@ -78,6 +78,8 @@ class TrainConfig:
     accum: int = 1                     # micro-batches (of batch_size) per optimizer step; steps count these
     val: str | None = None             # convert-gt OUTPUT the student is scored on (rank 0)
     val_every: int | None = None       # validate every N steps and at the last; None: every save_every
+    exclude: tuple[str, ...] = ()      # Parquet files (PATH or PATH:COLUMN) of (shard, key) rows left out of the
+                                       # pseudo-labeled OUTPUTs (pipelines.student.exclude); --labeled keeps all
 
     def __post_init__(self):
         if not self.labeled or not self.pseudo:
@@ -182,8 +184,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = _device()
     dtype = train_dtype(cfg.dtype, device)
-    data = {name: DepthShards(LoaderConfig(outputs=tuple(outputs), crop=cfg.crop, seed=cfg.seed), rank, world)
-            for name, outputs in (("labeled", cfg.labeled), ("pseudo", cfg.pseudo))}
+    data = {name: DepthShards(LoaderConfig(outputs=tuple(outputs), crop=cfg.crop, seed=cfg.seed, exclude=exclude),
+                              rank, world)
+            for name, outputs, exclude in (("labeled", cfg.labeled, ()), ("pseudo", cfg.pseudo, cfg.exclude))}
     check_split(data["labeled"], "labeled")
     check_split(data["pseudo"], "pseudo-labeled")
     val = None
