@@ -126,7 +126,7 @@ def compare(config: CompareConfig) -> dict:
         with ray_session(layout_config, s.model_bytes) as lay:
             run = run_shards([ShardTask(s.a.store.url_of(s.a.shard_key(n)), n) for n in names], CompareActor, spec,
                              lay, max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
-                             progress=config.progress)
+                             progress=config.progress, command="compare", output=s.a.url)
         if sink:
             sink.close()
     except BaseException:

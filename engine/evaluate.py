@@ -106,7 +106,7 @@ def evaluate(config: EvalConfig) -> dict:
         device = lay.device
         run_shards([ShardTask(u, layout.shard_name(u)) for u in source.shards], EvalActor, spec, lay,
                    max_attempts=config.max_attempts, on_result=results.append, on_failure=on_failure,
-                   progress=config.progress)
+                   progress=config.progress, command="evaluate", output=config.source)
     rows = [row for r in sorted(results, key=lambda r: r.name) for row in r.rows]
     return {
         "source": config.source, "source_kind": source.kind, "stored_label": source.label,

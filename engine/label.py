@@ -7,6 +7,7 @@ failure markers, summarise.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +37,7 @@ from labelers.plugins import find as find_plugin
 from pipelines.pseudo_label import ShardResult
 from pipelines.tasks import ShardTask
 from storage import layout
+from storage.objectstore import is_s3
 from storage.stores import open_store
 
 
@@ -60,6 +62,7 @@ class Summary:
     layout: str = ""                   # the actors and threads chosen, and why
     peak_worker_rss_mb: float = 0.0    # the largest peak RSS of any worker process
     failed_shards: list[str] = field(default_factory=list)
+    estimate: dict | None = None       # the ETA made at 10 % of the shards, beside what happened
 
     @property
     def exit_code(self) -> int:
@@ -183,8 +186,10 @@ def _run(config, output, urls, spec, lay, summary, lock) -> None:
 
     run = run_shards([ShardTask(u, layout.shard_name(u)) for u in urls], LabelActor, spec, lay,
                      max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
-                     progress=config.progress,
+                     progress=config.progress, sizes=input_sizes(urls),
+                     command="convert-gt" if config.ground_truth else "label", output=output.url,
                      should_stop=lambda: lock.lost and f"the job lease on {output.url} was lost: {lock.lost}")
+    summary.estimate = run.estimate
     summary.startup_seconds = run.startup_seconds
     done = summary.samples_ok + summary.samples_error
     summary.images_per_second = done / run.steady_seconds if run.steady_seconds > 0 else 0.0
@@ -193,3 +198,15 @@ def _run(config, output, urls, spec, lay, summary, lock) -> None:
     summary.gpu_utilization = run.telemetry.gpu_utilization
     summary.s3_requests = run.telemetry.s3_requests
     summary.peak_worker_rss_mb = run.telemetry.peak_rss_bytes / 2**20
+
+
+def input_sizes(urls: list[str]) -> dict[str, int | None]:
+    """Input bytes per shard name where a stat tells them (local files); None on S3, where the
+    ETA counts shards instead (a HEAD per shard would cost more than it tells)."""
+    sizes: dict[str, int | None] = {}
+    for u in urls:
+        try:
+            sizes[layout.shard_name(u)] = None if is_s3(u) else os.path.getsize(u)
+        except OSError:
+            sizes[layout.shard_name(u)] = None
+    return sizes

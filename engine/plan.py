@@ -1,5 +1,6 @@
 """Resume planning from listings only: all shards minus the committed, minus the failed
-unless retried. No shard or manifest part is read."""
+unless retried. No shard or manifest part is read; the input names cut a large S3 listing into
+parallel ranges (storage.listing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ class Plan:
 
 
 def plan(output: ObjectStore, shards: list[str], *, retry_failed: bool = False) -> Plan:
-    states = Output(output).states()
     names = [(layout.shard_name(u), u) for u in shards]
+    states = Output(output).states(n for n, _ in names)   # the names let S3 list in parallel ranges
     pending = set(states.pending(n for n, _ in names))
     return Plan(
         todo=[u for n, u in names if n in pending or (retry_failed and n in states.failed)],

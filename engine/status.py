@@ -13,5 +13,5 @@ def status(output: ObjectStore) -> dict:
     if doc is None:
         raise ConfigError(f"{output.url} has no job.json: not a depth-engine OUTPUT (or nothing ran yet)")
     names = [layout.shard_name(u) for u in doc.get("shards", [])]   # every shard the job was asked for
-    states = Output(output).states()
+    states = Output(output).states(names)
     return {**states.counts(names).to_json(), "failed_shards": sorted(n for n in names if n in states.failed)}

@@ -100,6 +100,7 @@ class ShardResult:
     worker: str = ""
     attempt: int = 1
     committed: bool = True         # False: another attempt had committed the shard already
+    error_reasons: dict = field(default_factory=dict)   # error row reason -> rows (the metrics' classes)
 
 
 def label_batch(batch: list[Sample], labelers: Labelers) -> float:
@@ -208,6 +209,9 @@ def label_shard(
     result.samples = len(rows)
     result.ok = sum(r["status"] == "ok" for r in rows)
     result.errors = result.samples - result.ok
+    for r in rows:
+        if r["status"] != "ok":
+            result.error_reasons[r["error"]] = result.error_reasons.get(r["error"], 0) + 1
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -12,6 +12,7 @@ SHARDS = "shards/"
 MANIFEST = "manifest/"
 FAILED = "failed/"
 LOCKS = "locks/"
+REQUEUED = "requeued/"   # commit records moved aside by `verify --requeue`, kept for the record
 
 _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
 
@@ -47,6 +48,11 @@ def failed_key(name: str) -> str:
     return f"{FAILED}{name}.json"
 
 
+def requeued_key(name: str, stamp: str, suffix: str) -> str:
+    """requeued/<name>.<UTC stamp>.parquet (the commit record) and .json (why)."""
+    return f"{REQUEUED}{name}.{stamp}{suffix}"
+
+
 def claim_prefix(name: str) -> str:
     """Where the commit claims of one shard live (storage.commit)."""
     return f"{LOCKS}shards/{name}/"
@@ -61,9 +67,3 @@ def name_from_key(key: str, directory: str, suffix: str) -> str | None:
         return None
     name = key[len(directory):-len(suffix)]
     return name if name and "/" not in name else None
-
-
-def listed_names(store, directory: str, suffix: str) -> set[str]:
-    """Names with an object in ``directory`` (one listing, nothing read)."""
-    names = (name_from_key(o.key, directory, suffix) for o in store.list(directory))
-    return {n for n in names if n}

@@ -175,11 +175,17 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"delete {self.url_of(key)}: {e.strerror or e}") from e
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with `prefix`, recursively, sorted by key."""
+    def list(self, prefix: str = "", *, start_after: str | None = None,
+             stop_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, recursively, sorted by key; a range
+        (start_after < key <= stop_after) is a filter over the same walk."""
         check_prefix(prefix)
         base = prefix.rpartition("/")[0]  # deepest directory that can hold matches
-        return self._walk(base + "/" if base else "", prefix)
+        found = self._walk(base + "/" if base else "", prefix)
+        if start_after is None and stop_after is None:
+            return found
+        return (o for o in found
+                if (start_after is None or o.key > start_after) and (stop_after is None or o.key <= stop_after))
 
     def _walk(self, dir_key: str, prefix: str) -> Iterator[ObjectInfo]:
         path = os.path.join(self.root, *dir_key.split("/")) if dir_key else self.root

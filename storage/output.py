@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import Iterable
 
 from storage import layout
+from storage.listing import list_expecting
 from storage.objectstore import ObjectStore
 
 _PART = ".parquet"     # manifest/<name>.parquet: the shard is committed
@@ -77,23 +79,48 @@ class Output:
         except FileNotFoundError:
             return None
 
-    def committed(self) -> frozenset[str]:
-        """Names with a manifest part (one listing: a part's presence means committed)."""
-        return frozenset(layout.listed_names(self.store, layout.MANIFEST, _PART))
+    def committed(self, names: Iterable[str] | None = None) -> frozenset[str]:
+        """Names with a manifest part (a part's presence means committed). ``names``, the shards
+        the caller expects, only lets a large S3 listing run as parallel ranges
+        (storage.listing): the result is the same."""
+        return self._listed(layout.MANIFEST, _PART, names)
 
-    def failed(self) -> frozenset[str]:
+    def failed(self, names: Iterable[str] | None = None) -> frozenset[str]:
         """Names that used up their attempts and are not committed."""
-        return self.states().failed
+        return self.states(names).failed
 
-    def states(self) -> ShardStates:
-        committed = self.committed()
-        return ShardStates(committed, frozenset(layout.listed_names(self.store, layout.FAILED, _MARKER)) - committed)
+    def states(self, names: Iterable[str] | None = None) -> ShardStates:
+        names = None if names is None else list(names)
+        committed = self.committed(names)
+        return ShardStates(committed, self._listed(layout.FAILED, _MARKER, names) - committed)
 
     def pending(self, names: Iterable[str]) -> list[str]:
-        return self.states().pending(names)
+        names = list(names)
+        return self.states(names).pending(names)
 
     def counts(self, names: Iterable[str]) -> ShardCounts:
-        return self.states().counts(names)
+        names = list(names)
+        return self.states(names).counts(names)
+
+    def _listed(self, directory: str, suffix: str, names: list[str] | None) -> frozenset[str]:
+        expected = None if names is None else [f"{directory}{n}{suffix}" for n in names]
+        found = (layout.name_from_key(o.key, directory, suffix)
+                 for o in list_expecting(self.store, directory, expected))
+        return frozenset(n for n in found if n)
+
+    def requeue(self, name: str, problems: Iterable[str]) -> str:
+        """Put committed shard ``name`` back in the queue: its commit record (the manifest part)
+        is copied to requeued/ with why, then removed, so the next ``label`` run relabels the
+        shard whole. Copy before delete: a crash in between leaves the shard committed and the
+        copy behind, and a second call completes it. Returns the kept record's key."""
+        part = self.store.get(layout.manifest_key(name))
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        kept = layout.requeued_key(name, stamp, _PART)
+        self.store.put(kept, part)
+        why = {"shard": name, "requeued_at": stamp, "problems": list(problems), "record": kept}
+        self.store.put(layout.requeued_key(name, stamp, _MARKER), json.dumps(why, indent=2).encode())
+        self.store.delete(layout.manifest_key(name))
+        return kept
 
     def shard_key(self, name: str) -> str:
         """The key of shard ``name``'s tar. Every reader asks here, so where a shard's tar lives

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 PART_SIZE = 16 * 1024 * 1024
+LIST_PAGE_SIZE = 1000   # keys per LIST request (S3's most); tests lower it to cross pages
 READ_BUFFER = 1024 * 1024
 MAX_RESUMES = 5
 
@@ -270,18 +271,24 @@ class S3Store:
     def open_write(self, key: str) -> S3Writer:
         return S3Writer(self, key)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Recursive and sorted (S3 lists in UTF-8 key order); directory markers are skipped."""
+    def list(self, prefix: str = "", *, start_after: str | None = None,
+             stop_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Recursive and sorted (S3 lists in UTF-8 key order); directory markers are skipped.
+        A range starts on the server (StartAfter) and stops paginating past ``stop_after``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         check_prefix(prefix)
+        ranged = {"StartAfter": self.prefix + start_after} if start_after is not None else {}
         pages = client().get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix + prefix
+            Bucket=self.bucket, Prefix=self.prefix + prefix, **ranged,
+            PaginationConfig={"PageSize": LIST_PAGE_SIZE},
         )
         try:
             for page in pages:
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(self.prefix) :]
+                    if stop_after is not None and key > stop_after:
+                        return
                     if key and not key.endswith("/"):
                         modified = obj.get("LastModified")
                         yield ObjectInfo(

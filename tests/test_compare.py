@@ -184,3 +184,25 @@ def test_on_s3_a_tenth_reads_a_tenth(pair, s3_bucket):
     label_bytes = tenth["bytes"]["labels"] / full["bytes"]["labels"]
     gets = tenth["s3_requests"]["GetObject"] / full["s3_requests"]["GetObject"]
     assert 0.03 < label_bytes < 0.25 and gets < 0.3, (label_bytes, gets)
+
+
+def test_an_interrupted_comparison_leaves_no_rows_file(pair, tmp_path, monkeypatch):
+    """Ctrl-C (here: raised by the driver after the first shard) stops the actors and leaves
+    neither --out nor its temporary file; a rerun writes it whole."""
+    from pipelines.compare import CompareSummary
+
+    real_add = CompareSummary.add
+
+    def interrupted(self, result):
+        real_add(self, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompareSummary, "add", interrupted)
+    out = tmp_path / "rows" / "cmp.parquet"
+    out.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        compare(CompareConfig(a=str(pair / "A"), b=str(pair / "B"), out=str(out), progress=False))
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(CompareSummary, "add", real_add)
+    compare(CompareConfig(a=str(pair / "A"), b=str(pair / "B"), out=str(out), progress=False))
+    assert set(rows_of(out)) == ok_keys(pair / "A")

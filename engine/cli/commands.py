@@ -107,16 +107,23 @@ def _verify(args) -> int:
         result = verify(store, workers=args.workers)
     except NotAnOutput as e:
         raise ConfigError(str(e)) from None
+    requeued = {}
+    if args.requeue:
+        from storage.output import Output
+
+        requeued = {bad.shard: Output(store).requeue(bad.shard, bad.problems) for bad in result.bad}
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), **({"requeued": requeued} if args.requeue else {})}, indent=2))
     elif result.ok:
         print(f"{result.checked} shards checked, all agree")
     else:
         print(f"{result.checked} shards checked, {len(result.bad)} disagree with their manifest part:")
         for bad in result.bad:
-            print(f"  {bad.shard}:")
+            print(f"  {bad.shard}:" + (f" requeued (record kept as {requeued[bad.shard]})" if requeued else ""))
             for problem in bad.problems:
                 print(f"    {problem}")
+        if requeued:
+            print(f"{len(requeued)} shard(s) requeued: run the same label command again to relabel them")
     return 0 if result.ok else 1
 
 

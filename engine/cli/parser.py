@@ -175,6 +175,9 @@ def build_parser() -> Parser:
     ver.add_argument("--workers", type=int, default=None, metavar="N",
                      help="shards checked at once (default: up to 8)")
     ver.add_argument("--json", action="store_true")
+    ver.add_argument("--requeue", action="store_true",
+                     help="move each bad shard's commit record aside (to requeued/, kept) so the next label run "
+                          "relabels it")
 
     tr = sub.add_parser("train-student", help="train a Depth Anything student on labeled + pseudo-labeled OUTPUTs")
     tr.add_argument("--labeled", action="append", required=True, metavar="OUTPUT")

@@ -45,5 +45,11 @@ def print_summary(s: dict, as_json: bool) -> None:
     stages = s.get("stage_seconds") or {}
     if stages:
         print("worker time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+    e = s.get("estimate")
+    if e:
+        print(f"estimate at {e['at_shards']} shard(s) done ({e['made_after_seconds']:.1f} s in): "
+              f"{e['predicted_images']:,} images in {e['predicted_seconds']:.1f} s; "
+              f"actual: {e['actual_images']:,} images in {e['actual_seconds']:.1f} s"
+              + (f" (time {e['seconds_error']:+.1%})" if e.get("seconds_error") is not None else ""))
     if s["failed_shards"]:
         print(f"failed: {', '.join(s['failed_shards'])} (see OUTPUT/failed/; rerun with --retry-failed)")

@@ -78,10 +78,12 @@ class Scheduler:
                  on_tick: Callable[[dict], None] = lambda live: None,
                  on_event: Callable[[str], None] = lambda msg: None,
                  should_stop: Callable[[], str | None] = lambda: None,
+                 on_retry: Callable[[ShardTask, dict], None] = lambda task, err: None,
                  tick_seconds: float = 1.0, start_timeout: float = 1800.0):
         self.new_actor, self.n_actors, self.max_attempts = new_actor, n_actors, max_attempts
         self.on_result, self.on_failure, self.on_tick, self.on_event = on_result, on_failure, on_tick, on_event
         self.should_stop, self.tick_seconds, self.start_timeout = should_stop, tick_seconds, start_timeout
+        self.on_retry = on_retry            # a failed attempt that goes back to the queue
         self.queue: deque[ShardTask] = deque()
         self.errors: dict[str, list[dict]] = {}
         self.actors: list[_Actor] = []
@@ -157,6 +159,7 @@ class Scheduler:
         errors = self.errors.setdefault(task.name, [])
         errors.append(err)
         if task.attempt < self.max_attempts:
+            self.on_retry(task, err)
             self.on_event(f"shard {task.name} attempt {task.attempt}/{self.max_attempts} failed "
                           f"({err['error']}); retrying")
             self.queue.append(ShardTask(task.source, task.name, task.attempt + 1))
