@@ -55,9 +55,12 @@ def reference(a: dict[str, bytes], b: dict[str, bytes]) -> dict:
     """The protocol written out in numpy: B the reference; least squares on valid, non-sky
     pixels of both with B > 0; depths; AbsRel and δ1; Pearson; sky IoU."""
     disp = lambda m: np.asarray(Image.open(io.BytesIO(m["disp.png"])), dtype=np.float64) / 65535  # noqa: E731
-    sky = lambda m: np.asarray(Image.open(io.BytesIO(m["sky.png"]))) > 0  # noqa: E731
-    da, db, sa, sb = disp(a), disp(b), sky(a), sky(b)
-    mask = ~sa & ~sb & (db > 0)
+    da, db = disp(a), disp(b)
+    mask_of = lambda m, name, absent: (np.asarray(Image.open(io.BytesIO(m[name]))) > 0  # noqa: E731
+                                       if name in m else np.full(da.shape, absent))
+    sa, sb = mask_of(a, "sky.png", False), mask_of(b, "sky.png", False)
+    valid = mask_of(a, "valid.png", True) & mask_of(b, "valid.png", True)
+    mask = ~sa & ~sb & valid & (db > 0)
     p, t = da[mask], db[mask]
     (scale, shift), *_ = np.linalg.lstsq(np.stack([p, np.ones_like(p)], 1), t, rcond=None)
     aligned = np.maximum(scale * p + shift, t.min())
@@ -65,7 +68,7 @@ def reference(a: dict[str, bytes], b: dict[str, bytes]) -> dict:
     ratio = np.maximum(depth_p / depth_t, depth_t / depth_p)
     union = (sa | sb).sum()
     return {"abs_rel": np.mean(np.abs(depth_p - depth_t) / depth_t), "delta1": np.mean(ratio < 1.25),
-            "scale": scale, "shift": shift, "pearson": np.corrcoef(da[~sa & ~sb], db[~sa & ~sb])[0, 1],
+            "scale": scale, "shift": shift, "pearson": np.corrcoef(da[~sa & ~sb & valid], db[~sa & ~sb & valid])[0, 1],
             "sky_iou": (sa & sb).sum() / union if union else 1.0}
 
 
@@ -206,3 +209,65 @@ def test_an_interrupted_comparison_leaves_no_rows_file(pair, tmp_path, monkeypat
     monkeypatch.setattr(CompareSummary, "add", real_add)
     compare(CompareConfig(a=str(pair / "A"), b=str(pair / "B"), out=str(out), progress=False))
     assert set(rows_of(out)) == ok_keys(pair / "A")
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_ground_truth_output_as_the_reference(tmp_path, tiny_models):
+    """B a convert-gt OUTPUT (valid.png, no sky.png): every pair against numpy, invalid
+    pixels left out, A's sky against B's none."""
+    from labelers.ground_truth import GroundTruthRule
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    samples = photo_samples(SIZES * 4, "g")
+    rng = np.random.default_rng(3)
+    for s_ in samples:
+        h, w = np.asarray(Image.open(io.BytesIO(s_["jpg"]))).shape[:2]
+        depth = np.linspace(1.0, 20.0, h * w).reshape(h, w) * rng.uniform(0.9, 1.1, (h, w))
+        depth[: h // 5] = 0                                                   # no ground truth there
+        s_["depth.npy"] = _npy(depth.astype(np.float32))
+    write_shard(inputs / "shard-000000.tar", samples)
+    label(LabelConfig(input=f"{inputs}/", output=str(tmp_path / "A"), teacher=tiny_models.teacher,
+                      sky=tiny_models.sky, workers=1, progress=False))
+    label(LabelConfig(input=f"{inputs}/", output=str(tmp_path / "G"), teacher=None, sky=None,
+                      ground_truth=GroundTruthRule(), workers=1, progress=False))
+    out = tmp_path / "ag.parquet"
+    compare(CompareConfig(a=str(tmp_path / "A"), b=str(tmp_path / "G"), out=str(out), progress=False))
+    rows = rows_of(out)
+    assert len(rows) == len(samples)
+    a, g = members(tmp_path / "A", "shard-000000"), members(tmp_path / "G", "shard-000000")
+    assert all("valid.png" in m and "sky.png" not in m for m in g.values())
+    for (name, key), got in rows.items():
+        for figure, value in reference(a[key], g[key]).items():
+            assert got[figure] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, figure)
+
+
+def test_a_plugin_teacher_on_the_fly_equals_the_output_it_labels(pair, tiny_models, tmp_path, monkeypatch):
+    """B a teacher plugin (plugin:NAME:ARG): the same figures as the OUTPUT it labeled."""
+    import os
+    import sys
+
+    site = Path(__file__).parent / "plugin_site"
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    import tiny_depth_plugin
+
+    weights = tiny_depth_plugin.save_weights(tmp_path / "tiny.safetensors")
+    teacher = f"plugin:tiny:{weights}"
+    label(LabelConfig(input=f"{pair}/in/", output=str(tmp_path / "P"), teacher=teacher, sky=tiny_models.sky,
+                      workers=1, progress=False))
+    stored = compare(CompareConfig(a=str(pair / "A"), b=str(tmp_path / "P"), out=str(tmp_path / "p.parquet"),
+                                   progress=False))
+    live = compare(CompareConfig(a=str(pair / "A"), b=teacher, out=str(tmp_path / "l.parquet"), progress=False))
+    assert live["b_kind"] == "teacher" and live["counts"]["compared"] == stored["counts"]["compared"] == 60
+    want, got = rows_of(tmp_path / "p.parquet"), rows_of(tmp_path / "l.parquet")
+    assert set(want) == set(got)
+    for k, row in want.items():
+        for figure in ("abs_rel", "delta1", "scale", "shift", "pearson", "sky_iou"):
+            assert got[k][figure] == pytest.approx(row[figure], rel=1e-4, abs=1e-6), (k, figure)
+    sys.modules.pop("tiny_depth_plugin", None)
