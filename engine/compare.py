@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from engine.config import ConfigError, check_resources
+from engine.config import ActorJob, ConfigError, check_resources
 from engine.models import ModelSourceError, resolve, weight_bytes
 from labelers.plugins import PluginError
 from pipelines.compare import CompareSummary, ShardComparison
@@ -25,21 +25,13 @@ from storage.stores import locate, open_store
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(ActorJob):
     a: str
     b: str
     sample: float = 1.0                  # the fraction of samples compared, chosen by a hash of the key
     out: str | None = None               # Parquet: one row per compared sample
     worst: int = 24                      # the worst pairs kept for the report and the HTML page
     sky: str | None = None               # B as a teacher: its sky model (None: A's, from its job.json)
-    batch_size: int = 8
-    workers: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_attempts: int = 3
-    ray_address: str | None = None
-    threads: int = 4
-    progress: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.sample <= 1.0:

@@ -25,6 +25,22 @@ def _default_limits() -> SampleLimits:
     return SampleLimits()
 
 
+@dataclass(frozen=True, kw_only=True)
+class ActorJob:
+    """What a read-only job on the engine's actors takes besides its own fields (evaluate,
+    compare): batches, actors, device, precision, attempts, the cluster, threads, the bar.
+    Keyword-only, so each job's own fields keep their places; checked by check_resources."""
+
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_attempts: int = 3
+    ray_address: str | None = None
+    threads: int = 4
+    progress: bool = True
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     input: str

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from engine import job
-from engine.config import ConfigError, check_resources, check_teacher_output
+from engine.config import ActorJob, ConfigError, check_resources, check_teacher_output
 from engine.inputs import InputError, expand
 from engine.label import resolve_teacher
 from engine.models import ModelSourceError, weight_bytes
@@ -30,19 +30,11 @@ PAPER = {"KITTI": {"abs_rel": 0.076, "delta1": 0.947}, "NYUv2": {"abs_rel": 0.04
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ActorJob):
     source: str
     teacher: str
     teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
     ground_truth: GroundTruthRule = GroundTruthRule()
-    batch_size: int = 8
-    workers: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_attempts: int = 3
-    ray_address: str | None = None
-    threads: int = 4
-    progress: bool = True
 
     def __post_init__(self):
         check_teacher_output(self)
