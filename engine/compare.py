@@ -116,7 +116,8 @@ def compare(config: CompareConfig) -> dict:
     layout_config = config if s.teacher else _on_cpu(config)
     try:
         with ray_session(layout_config, s.model_bytes) as lay:
-            run = run_shards([ShardTask(s.a.store.url_of(s.a.shard_key(n)), n) for n in names], CompareActor, spec,
+            tars = s.a.tar_keys(names)
+            run = run_shards([ShardTask(s.a.store.url_of(tars[n]), n) for n in names], CompareActor, spec,
                              lay, max_attempts=config.max_attempts, on_result=on_result, on_failure=on_failure,
                              progress=config.progress, command="compare", output=s.a.url)
         if sink:

@@ -67,7 +67,8 @@ def source_shards(spec: str) -> Source:
             base = store.url.rstrip("/")
             kind = job.source_kind(doc)
             teacher = (doc["label"].get("teacher") or {}).get("source")
-            return Source([f"{base}/{output.shard_key(n)}" for n in names], kind,
+            tars = output.tar_keys(names)
+            return Source([f"{base}/{tars[n]}" for n in names], kind,
                           "converted ground truth" if kind == "gt" else f"pseudo-label of {teacher}")
     try:
         return Source(expand(spec), "input", None)

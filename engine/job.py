@@ -102,15 +102,23 @@ def _short(v) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-def write(output: ObjectStore, spec: JobSpec) -> dict:
-    """Create or extend job.json: refuses a different label definition (exit 2), keeps
-    the union of input shards across runs so status sees every shard ever asked for."""
+def check(output: ObjectStore, spec: JobSpec) -> dict | None:
+    """OUTPUT's job.json (None: there is none), refused (exit 2) when it pins another label
+    definition than ``spec``. Reads only: a dry run asks the same question as ``write``."""
     old = read(output)
     if old is not None:
         diff = differences(old, spec)
         if diff:
             raise ConfigError(f"{output.url} holds labels of another definition; " + "; ".join(diff)
                               + " (use a new OUTPUT)")
+    return old
+
+
+def write(output: ObjectStore, spec: JobSpec) -> dict:
+    """Create or extend job.json: refuses a different label definition (exit 2), keeps
+    the union of input shards across runs so status sees every shard ever asked for."""
+    old = check(output, spec)
+    if old is not None:
         shards = list(dict.fromkeys([*old.get("shards", []), *spec.shards]))
         spec = JobSpec(spec.label, shards, spec.input, spec.parameters)
     doc = spec.to_json(created=old.get("created") if old else None)

@@ -7,11 +7,12 @@ failure markers, summarise.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from engine import job
+from engine import job, runs
 from engine import plan as planning
 from engine.config import ConfigError, LabelConfig
 from engine.inputs import expand
@@ -37,7 +38,7 @@ from labelers.plugins import find as find_plugin
 from pipelines.pseudo_label import ShardResult
 from pipelines.tasks import ShardTask
 from storage import layout
-from storage.objectstore import is_s3
+from storage.objectstore import ObjectStore, StorageError, is_s3
 from storage.stores import open_store
 
 
@@ -116,21 +117,40 @@ def check_sky_model(ref: ModelRef) -> None:
                           "pass a segmentation model with a sky class, or --sky none")
 
 
-def label(config: LabelConfig) -> Summary:
-    t0 = time.time()
+@dataclass(frozen=True)
+class Prepared:
+    """A job checked on the driver, nothing written yet: INPUT listed, models resolved and
+    checked, job.json's content built. What ``label`` and its dry run (engine.dry_run) share."""
+
+    output: ObjectStore
+    shards: list[str]
+    teacher: ModelRef | PluginRef | None
+    sky: ModelRef | None
+    kind: str | None                   # what the teacher outputs (None: ground truth)
+    spec: job.JobSpec
+
+
+def prepare(config: LabelConfig) -> Prepared:
+    """Everything ``label`` checks before it touches OUTPUT (exit 2 on any of it)."""
     output = open_store(config.output)
     try:
         shards = expand(config.input, exclude=output.url)
         teacher, kind = resolve_teacher(config.teacher, config.teacher_output) if config.teacher else (None, None)
-        if teacher:
-            if config.keep_depth and kind not in METRIC_OUTPUTS:
-                raise ConfigError(f"--keep-depth needs a teacher that outputs metric depth; {config.teacher} outputs {kind}")
+        if teacher and config.keep_depth and kind not in METRIC_OUTPUTS:
+            raise ConfigError(f"--keep-depth needs a teacher that outputs metric depth; {config.teacher} outputs {kind}")
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
         spec = job.JobSpec.build(config, shards, teacher, sky, teacher_input(teacher) if teacher else None, kind)
     except ValueError as e:   # InputError, ModelSourceError, PluginError, a processor config refused
         raise ConfigError(str(e)) from None
+    return Prepared(output, shards, teacher, sky, kind, spec)
+
+
+def label(config: LabelConfig) -> Summary:
+    t0 = time.time()
+    p = prepare(config)
+    output, shards, teacher, sky, kind, spec = p.output, p.shards, p.teacher, p.sky, p.kind, p.spec
     with JobLock(output, config.lease_seconds) as lock:
         job.write(output, spec)
         # Writes that no live job owns: a killed attempt's upload, a crashed writer's temp file.
@@ -147,11 +167,7 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> 
         summary.wall_seconds = time.time() - t0
         return summary
 
-    spec = WorkerSpec(output=output.url, teacher=config.teacher, teacher_sha256=teacher.sha256 if teacher else None,
-                      teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
-                      ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
-                      dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
-                      limits=config.limits)
+    spec = worker_spec(config, output.url, teacher, sky, kind)
     with ray_session(config, weight_bytes(teacher, sky)) as lay:
         summary.workers, summary.device, summary.layout = lay.actors, lay.device, lay.describe()
         _run(config, output, todo.todo, spec, lay, summary, lock)
@@ -159,8 +175,17 @@ def _label_locked(config, output, shards, teacher, sky, lock, t0, kind=None) -> 
     return summary
 
 
+def worker_spec(config: LabelConfig, output_url: str, teacher, sky, kind: str | None) -> WorkerSpec:
+    """What each label actor loads and how it labels (its dry run's calibration actor too)."""
+    return WorkerSpec(output=output_url, teacher=config.teacher, teacher_sha256=teacher.sha256 if teacher else None,
+                      teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
+                      ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
+                      dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
+                      limits=config.limits)
+
+
 def _run(config, output, urls, spec, lay, summary, lock) -> None:
-    busy = {"model": 0.0, "actor": 0.0}
+    busy = {"model": 0.0, "actor": 0.0, "tar_bytes": 0}
 
     def on_result(r: ShardResult) -> None:
         if not r.committed:             # another attempt had committed it meanwhile
@@ -171,6 +196,7 @@ def _run(config, output, urls, spec, lay, summary, lock) -> None:
         summary.samples_error += r.errors
         busy["model"] += r.model_seconds
         busy["actor"] += r.seconds
+        busy["tar_bytes"] += r.tar_size
         for stage, seconds in r.stage_seconds.items():
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
         if config.retry_failed:
@@ -198,6 +224,19 @@ def _run(config, output, urls, spec, lay, summary, lock) -> None:
     summary.gpu_utilization = run.telemetry.gpu_utilization
     summary.s3_requests = run.telemetry.s3_requests
     summary.peak_worker_rss_mb = run.telemetry.peak_rss_bytes / 2**20
+    if done and run.steady_seconds > 0:   # the rate a later dry run plans with (engine.runs)
+        _record_run(output, runs.RunRecord.of(
+            summary, shards=summary.shards_committed, workers=min(lay.actors, len(urls)),
+            seconds=run.steady_seconds, output_bytes=busy["tar_bytes"], teacher=config.teacher, sky=config.sky,
+            batch_size=config.batch_size))
+
+
+def _record_run(output, record) -> None:
+    """Best effort: every shard is committed by now, and a lost record only costs an estimate."""
+    try:
+        runs.write(output, record)
+    except StorageError as e:
+        logging.getLogger(__name__).warning("could not record the run's rate in %s: %s", output.url, e)
 
 
 def input_sizes(urls: list[str]) -> dict[str, int | None]:

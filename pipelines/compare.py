@@ -98,7 +98,7 @@ class _Reader:
         self._lock = threading.Lock()
 
     def __call__(self, row: dict, member: dict) -> bytes:
-        tar = Output(self.store).shard_key(Output.name_of(row["shard"]))
+        tar = Output(self.store).tar_key(row["shard"])
         data = self.store.read_range(tar, member["offset"], member["size"])
         if len(data) != member["size"]:
             raise ValueError(f"{self.store.url_of(tar)}: {member['name']} is {member['size']} bytes in the "

@@ -16,6 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
@@ -145,24 +146,79 @@ def label_shard(
     t_start = time.perf_counter()
     progress = progress or Progress()
     result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
-    models = labelers.names
     stages = result.stage_seconds
-    in_store, in_key = locate(task.source)
 
-    with in_store.open_read(in_key) as stream, ShardSink(output, task.name) as shard:
+    with ShardSink(output, task.name) as shard:
 
         def write(enc: Encoded) -> None:
             t0 = time.perf_counter()
             shard.add(enc.key, enc.members, enc.row)
             stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
+
+        label_samples(task.source, labelers, write, result=result, progress=progress, batch_size=batch_size,
+                      threads=threads, limits=limits)
+        t_close = time.perf_counter()
+        result.committed = shard.commit(
+            {"source_kind": labelers.source_kind, "worker": worker, "attempt": task.attempt},
+            owner=owner(worker, task.attempt), claim=claim)
+        stages["commit"] = time.perf_counter() - t_close   # completing the upload, the manifest part
+    result.tar_size = shard.tar_size
+    return finish_result(result, shard.rows, t_start)
+
+
+def owner(worker: str, attempt: int) -> dict:
+    """Who holds a shard's claim: this attempt, uniquely."""
+    return {"worker": worker, "attempt": attempt, "id": uuid.uuid4().hex}
+
+
+def finish_result(result: ShardResult, rows: list[dict], t_start: float) -> ShardResult:
+    """The counters of a committed shard from its rows: samples, errors by reason, the stages'
+    own timers summed."""
+    stages = result.stage_seconds
+    for stage in ("decode", "sky", "teacher", "encode"):
+        times = [r[f"{stage}_s"] for r in rows if r.get(f"{stage}_s") is not None]
+        if times:
+            stages[stage] = sum(times)
+    result.samples = len(rows)
+    result.ok = sum(r["status"] == "ok" for r in rows)
+    result.errors = result.samples - result.ok
+    for r in rows:
+        if r["status"] != "ok":
+            result.error_reasons[r["error"]] = result.error_reasons.get(r["error"], 0) + 1
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def label_samples(
+    source: str,
+    labelers: Labelers,
+    emit: Callable[[Encoded], None],
+    *,
+    result: ShardResult,
+    progress: Progress,
+    wanted: Callable[[str], bool] | None = None,
+    batch_size: int = 8,
+    threads: int = 4,
+    limits: SampleLimits = SampleLimits(),
+) -> None:
+    """Stream input shard ``source`` through decode, the models and encode, and ``emit`` each
+    encoded sample in tar order. ``wanted(key)``: only those samples are decoded and labeled
+    (a repair); the others are read past. Model time goes to ``result`` and ``progress``."""
+    models = labelers.names
+    in_store, in_key = locate(source)
+    with in_store.open_read(in_key) as stream:
+        budget = PixelBudget(limits.inflight_pixels)
+
+        def write(enc: Encoded) -> None:
+            emit(enc)
             progress.samples += 1
             progress.errors += enc.row["status"] != "ok"
 
-        budget = PixelBudget(limits.inflight_pixels)
-
         def read():   # the reader thread, in tar order: header checks, then the pixels are reserved
             for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes):
-                sample = sample_from_members(members, task.source)
+                sample = sample_from_members(members, source)
+                if wanted is not None and not wanted(sample.key):
+                    continue
                 sample.held = budget.acquire(probe(sample, limits))
                 yield sample
 
@@ -195,25 +251,6 @@ def label_shard(
                 raise
             finally:
                 budget.close()
-        t_close = time.perf_counter()
-        result.committed = shard.commit(
-            {"source_kind": labelers.source_kind, "worker": worker, "attempt": task.attempt},
-            owner={"worker": worker, "attempt": task.attempt, "id": uuid.uuid4().hex}, claim=claim)
-        stages["commit"] = time.perf_counter() - t_close   # completing the upload, the manifest part
-    result.tar_size, rows = shard.tar_size, shard.rows
-    for stage in ("decode", "sky", "teacher", "encode"):     # the rows' own timers, summed
-        times = [r[f"{stage}_s"] for r in rows if r.get(f"{stage}_s") is not None]
-        if times:
-            stages[stage] = sum(times)
-
-    result.samples = len(rows)
-    result.ok = sum(r["status"] == "ok" for r in rows)
-    result.errors = result.samples - result.ok
-    for r in rows:
-        if r["status"] != "ok":
-            result.error_reasons[r["error"]] = result.error_reasons.get(r["error"], 0) + 1
-    result.seconds = time.perf_counter() - t_start
-    return result
 
 
 def _model_step(batch, labelers, result, progress, submit) -> None:

@@ -92,7 +92,13 @@ def check_shard(store: ObjectStore, name: str) -> list[str]:
     except (pa.ArrowException, OSError) as e:
         return [f"manifest part unreadable: {e}"]
     expected, problems = expected_members(name, rows)
-    tar = Output(store).shard_key(name)
+    files = {r.get("shard") for r in rows}
+    if len(files) > 1:
+        return [*problems, f"rows name more than one tar: {', '.join(sorted(map(str, files)))}"]
+    try:    # the generation the rows name (storage.layout.shard_file)
+        tar = Output(store).tar_key(files.pop() if files else layout.shard_file(name))
+    except (TypeError, ValueError):
+        return problems           # a row's problem already says which tar it names
     info = store.info(tar)
     if info is None:
         return [*problems, "tar missing"]
@@ -132,7 +138,7 @@ def expected_members(name: str, rows: list[dict]) -> tuple[dict[str, Expected], 
 def _row_problems(name: str, row: dict) -> list[str]:
     key, status, members = row.get("key"), row.get("status"), row.get("members") or []
     problems = []
-    if row.get("shard") != f"{name}.tar":
+    if _shard_name(row.get("shard")) != name:
         problems.append(f"row {key} names shard {row.get('shard')!r}")
     if status == "ok" and not members:
         problems.append(f"ok row {key} has no members")
@@ -235,3 +241,11 @@ def _check_end(tar: tarfile.TarFile) -> None:
     header = tar.fileobj.tell() - tar.offset  # bytes of the block tarfile read as a header
     if header != BLOCK or tar.fileobj.read(BLOCK) != bytes(BLOCK):
         raise tarfile.ReadError(f"no end-of-archive blocks at byte {tar.offset}")
+
+
+def _shard_name(shard) -> str | None:
+    """The shard a row's ``shard`` belongs to (any generation); None when it names no tar."""
+    try:
+        return layout.parse_shard_file(shard)[0]
+    except (TypeError, ValueError):
+        return None

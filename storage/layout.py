@@ -13,6 +13,7 @@ MANIFEST = "manifest/"
 FAILED = "failed/"
 LOCKS = "locks/"
 REQUEUED = "requeued/"   # commit records moved aside by `verify --requeue`, kept for the record
+RUNS = "runs/"           # one record per finished `label` run: its measured rate (`label --dry-run` reads it)
 
 _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
 
@@ -36,8 +37,38 @@ def check_shard_name(name: str) -> str:
     return name
 
 
-def shard_key(name: str) -> str:
-    return f"{SHARDS}{name}.tar"
+def shard_file(name: str, generation: int = 0) -> str:
+    """A shard's tar under shards/, as the manifest's ``shard`` column names it:
+    '<name>.tar' as first labeled, '<name>/g<N>.tar' once ``label --repair-errors`` rewrote it
+    for the N-th time. The '/' cannot occur in a shard name, so the name and the generation
+    read back unambiguously (parse_shard_file)."""
+    if generation < 0:
+        raise ValueError(f"shard {name}: generation {generation} < 0")
+    return f"{name}.tar" if generation == 0 else f"{name}/g{generation}.tar"
+
+
+_GENERATION = re.compile(r"^(?P<name>[^/]+)/g(?P<generation>[1-9][0-9]*)\.tar$")
+
+
+def parse_shard_file(shard: str) -> tuple[str, int]:
+    """A manifest row's ``shard`` -> (the shard's name, its generation); inverse of shard_file."""
+    m = _GENERATION.match(shard)
+    if m:
+        return m["name"], int(m["generation"])
+    if "/" in shard or not shard.endswith(".tar") or shard == ".tar":
+        raise ValueError(f"{shard!r} names no shard tar (expected '<name>.tar' or '<name>/g<N>.tar')")
+    return shard[: -len(".tar")], 0
+
+
+def shard_key(name: str, generation: int = 0) -> str:
+    """The key of one generation of a shard's tar. Readers take the generation from the
+    manifest (storage.output), never assume 0."""
+    return f"{SHARDS}{shard_file(name, generation)}"
+
+
+def shard_tar_prefix(name: str) -> str:
+    """Where the repaired generations of shard ``name`` live (shards/<name>/)."""
+    return f"{SHARDS}{name}/"
 
 
 def manifest_key(name: str) -> str:
@@ -51,6 +82,11 @@ def failed_key(name: str) -> str:
 def requeued_key(name: str, stamp: str, suffix: str) -> str:
     """requeued/<name>.<UTC stamp>.parquet (the commit record) and .json (why)."""
     return f"{REQUEUED}{name}.{stamp}{suffix}"
+
+
+def run_key(stamp: str) -> str:
+    """runs/<UTC stamp>.json: stamps sort by time, so the latest run is the greatest key."""
+    return f"{RUNS}{stamp}.json"
 
 
 def claim_prefix(name: str) -> str:

@@ -27,7 +27,8 @@ SCHEMA = pa.schema(
     [
         # SPEC §4, required
         ("key", pa.string()),
-        ("shard", pa.string()),          # output shard file name, e.g. "shard-000123.tar"
+        ("shard", pa.string()),          # the tar under shards/: "shard-000123.tar", or after a
+                                         # repair "shard-000123/g1.tar" (storage.layout.shard_file)
         ("source", pa.string()),         # input shard URL
         ("status", pa.string()),         # "ok" | "error"
         ("error", pa.string()),
@@ -80,8 +81,8 @@ def encode_part(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def decode_part(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+def decode_part(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(data), columns=columns)
 
 
 def dataset(output: ObjectStore) -> ds.Dataset:

@@ -20,7 +20,6 @@ from storage.objectstore import ObjectStore
 
 _PART = ".parquet"     # manifest/<name>.parquet: the shard is committed
 _MARKER = ".json"      # failed/<name>.json: the shard used up its attempts
-_TAR = ".tar"          # a manifest row's `shard` is the tar's file name, "<name>.tar"
 
 
 @dataclass(frozen=True)
@@ -122,12 +121,46 @@ class Output:
         self.store.delete(layout.manifest_key(name))
         return kept
 
-    def shard_key(self, name: str) -> str:
-        """The key of shard ``name``'s tar. Every reader asks here, so where a shard's tar lives
-        is decided in one place."""
-        return layout.shard_key(name)
+    def tar_key(self, shard: str) -> str:
+        """The key of the tar a manifest row's ``shard`` names: the generation that row belongs
+        to. Every reader that holds rows asks here (a repaired shard's tar is not <name>.tar)."""
+        name, generation = layout.parse_shard_file(shard)
+        return layout.shard_key(name, generation)
+
+    def tar_keys(self, names: Iterable[str]) -> dict[str, str]:
+        """Committed shard name -> the key of its current tar, for readers that hold names, not
+        rows (evaluate). From a listing of shards/: in the steady state each committed shard has
+        one tar. Where a repair was interrupted two generations are present, and the shard's
+        manifest part (one GET) says which is current."""
+        names = list(names)
+        present: dict[str, list[tuple[int, str]]] = {}
+        for o in list_expecting(self.store, layout.SHARDS, [layout.shard_key(n) for n in names]):
+            try:
+                name, generation = layout.parse_shard_file(o.key[len(layout.SHARDS):])
+            except ValueError:
+                continue
+            present.setdefault(name, []).append((generation, o.key))
+        keys = {}
+        for n in names:
+            found = present.get(n, [])
+            keys[n] = found[0][1] if len(found) == 1 else self.current_tar_key(n)
+        return keys
+
+    def current_tar_key(self, name: str) -> str:
+        """The tar key shard ``name``'s manifest part names (one GET of the part)."""
+        # pyarrow, imported here: the listing-only commands (status) never need it
+        from storage.manifest import decode_part
+
+        shards = decode_part(self.store.get(layout.manifest_key(name)), columns=["shard"]).column("shard")
+        return self.tar_key(shards[0].as_py()) if len(shards) else layout.shard_key(name)
 
     @staticmethod
     def name_of(shard: str) -> str:
-        """A manifest row's ``shard`` ("<name>.tar") -> the shard's name."""
-        return shard[: -len(_TAR)] if shard.endswith(_TAR) else shard
+        """A manifest row's ``shard`` ("<name>.tar", "<name>/g<N>.tar") -> the shard's name; a
+        bare name (compare's ``shard`` column) is returned as it is."""
+        try:
+            return layout.parse_shard_file(shard)[0]
+        except ValueError:
+            if "/" in shard:
+                raise
+            return shard

@@ -194,3 +194,22 @@ def _check_sample(key: str, members: dict[str, bytes]) -> None:
             raise ValueError(f"invalid extension {ext!r} for sample {key!r} (lowercase, no '/', no '__' prefix)")
         if problem := check_member_name(f"{key}.{ext}"):
             raise ValueError(f"invalid member name {key + '.' + ext!r}: {problem}")
+
+
+def iter_sample_names(fileobj: BinaryIO) -> Iterator[tuple[str, list[str]]]:
+    """(key, extensions) of each sample in tar order, from the headers alone: the members' data
+    is skipped unread, so counting a shard's samples costs one pass over its bytes and no
+    decoding. The key/extension split and the skipped names are ``iter_tar_samples``'."""
+    key: str | None = None
+    exts: list[str] = []
+    for info, _ in tar_members(fileobj):
+        k, ext = _split(info)
+        if k is None:
+            continue
+        if k != key:
+            if key is not None:
+                yield key, exts
+            key, exts = k, []
+        exts.append(ext)
+    if key is not None:
+        yield key, exts

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from storage import layout
+from storage import inflight, layout
 from storage.commit import ClaimPolicy, commit_shard
 from storage.manifest import encode_part
 from storage.objectstore import ObjectStore, ObjectWriter
@@ -22,11 +22,11 @@ from storage.shards import TarShardWriter
 class ShardSink:
     """``with ShardSink(output, name) as sink: sink.add(...)*; sink.commit(...)``."""
 
-    def __init__(self, output: ObjectStore, name: str, *, mtime: float | None = None) -> None:
-        self.output, self.name = output, name
+    def __init__(self, output: ObjectStore, name: str, *, mtime: float | None = None, generation: int = 0) -> None:
+        self.output, self.name, self.generation = output, name, generation
         self.rows: list[dict] = []
         self.tar_size = 0              # known once commit has completed the tar
-        self._upload = output.open_write(layout.shard_key(name))
+        self._upload = inflight.track(output.open_write(layout.shard_key(name, generation)))  # SIGTERM aborts it
         self._gate = _Gate(self._upload)
         self._tar = TarShardWriter(self._gate, mtime)
         self._open = True              # False once commit or abort has begun
@@ -41,18 +41,26 @@ class ShardSink:
         self.rows.append(row)
         return row
 
-    def commit(self, stamp: dict, owner: dict, claim: ClaimPolicy = ClaimPolicy()) -> bool:
-        """Complete the tar, stamp every row with ``stamp`` (the caller's columns: source_kind,
-        worker, attempt) and the shard's own (shard, tar_size, labeled_at), then write the
-        manifest part under the shard's claim held by ``owner``. False: another attempt had
-        committed the shard already, and this upload was aborted."""
+    def commit(self, stamp: dict, owner: dict, claim: ClaimPolicy = ClaimPolicy(),
+               replaces: str | None = None) -> bool:
+        """Complete the tar, stamp every row with the shard's columns (shard, tar_size) and each
+        new row with ``stamp`` (the caller's: source_kind, worker, attempt) and labeled_at (a row
+        carried over from an earlier generation keeps when and by whom it was labeled), then
+        write the manifest part under the shard's claim held by ``owner``. ``replaces``: the
+        generation (the ``shard`` of the part's rows) this one supersedes; None for a first
+        commit. False: another attempt had committed (or replaced) the shard already, and this
+        upload was aborted."""
         self._check_open()
         self._open = False
         self.tar_size = self._tar.close()
         labeled_at = dt.datetime.now(dt.timezone.utc)
+        shard = layout.shard_file(self.name, self.generation)
         for row in self.rows:
-            row.update(shard=f"{self.name}.tar", tar_size=self.tar_size, **stamp, labeled_at=labeled_at)
-        return commit_shard(self.output, self.name, self._upload, encode_part(self.rows), owner, claim)
+            if row.get("labeled_at") is None:
+                row.update(**stamp, labeled_at=labeled_at)
+            row.update(shard=shard, tar_size=self.tar_size)
+        return commit_shard(self.output, self.name, self._upload, encode_part(self.rows), owner, claim,
+                            replaces=replaces)
 
     def abort(self) -> None:
         """Drop the upload, so no object becomes visible; a no-op once the upload committed."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -74,25 +73,8 @@ def check_agreement(output: str) -> dict:
 def processes(title: str, under: set[int] | None = None) -> list[int]:
     """Pids whose command line starts with ``title`` (Ray names actor processes ray::Class);
     with ``under``, only descendants of those pids (one cluster's raylets: another test may run
-    a Ray of its own at the same time)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith(title) and (under is None or _descends(int(d), under)):
-                pids.append(int(d))
-    return pids
+    a Ray of its own at the same time). The chaos bench's own reading of /proc."""
+    from engine.bench.chaos import command_lines, descends
 
-
-def _descends(pid: int, ancestors: set[int]) -> bool:
-    while pid > 1:
-        try:   # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return False
-        if pid in ancestors:
-            return True
-    return False
+    return [pid for pid, cmd in command_lines().items()
+            if cmd.startswith(title) and (under is None or descends(pid, under))]

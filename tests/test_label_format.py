@@ -152,7 +152,31 @@ def test_output_from_listings(tmp_path):
     assert out.pending(["e", "a", "c", "d", "b"]) == ["e", "d"]
     assert out.counts(["a", "b", "c", "d", "e"]) == ShardCounts(total=5, committed=2, failed=1, pending=2)
     assert out.counts([]).to_json() == {"total": 0, "committed": 0, "failed": 0, "pending": 0}
-    assert out.shard_key("a") == "shards/a.tar" and Output.name_of("a.tar") == "a"
+    assert out.tar_key("a.tar") == "shards/a.tar" and Output.name_of("a.tar") == "a"
+    assert out.tar_key("a/g2.tar") == "shards/a/g2.tar" and Output.name_of("a/g2.tar") == "a"
+
+
+@pytest.mark.parametrize("name", ["a", "shard-000001", "x.g1", "v1.2.tar.part", "g1", "a b"])
+def test_a_shard_file_names_its_shard_and_generation_unambiguously(name):
+    for generation in (0, 1, 12):
+        assert layout.parse_shard_file(layout.shard_file(name, generation)) == (name, generation)
+    assert layout.shard_file("x.g1") != layout.shard_file("x", 1)   # a name that looks like a generation
+
+
+@pytest.mark.parametrize("bad", ["a", "a/g0.tar", "a/g01.tar", "a/b/g1.tar", "/g1.tar", ".tar", "a/x.tar"])
+def test_a_string_that_names_no_shard_tar_is_refused(bad):
+    with pytest.raises(ValueError, match="names no shard tar"):
+        layout.parse_shard_file(bad)
+
+
+def test_tar_keys_take_the_generation_from_the_listing_and_the_part_when_two_are_there(tmp_path):
+    from storage.manifest import encode_part
+
+    out = Output(open_store(str(tmp_path / "out")))
+    for key in ("shards/a.tar", "shards/b/g1.tar", "shards/c.tar", "shards/c/g1.tar"):
+        put(out.store, key)
+    put(out.store, layout.manifest_key("c"), encode_part([{"key": "k", "shard": "c/g1.tar", "status": "ok"}]))
+    assert out.tar_keys(["a", "b", "c"]) == {"a": "shards/a.tar", "b": "shards/b/g1.tar", "c": "shards/c/g1.tar"}
 
 
 def test_job_json_alone_makes_an_output(tmp_path):

@@ -12,7 +12,7 @@ and the ratios of the engine to each. Steady-state rates exclude cluster start a
 which are reported apart. ``--memory``: one worker's peak RSS for a shard of N images and one
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
-``--plan N`` / ``--audit N``: see engine.bench.scale. ``--compare N``: see engine.bench.compare. ``--teachers``: see engine.bench.teachers.
+``--plan N`` / ``--audit N``: see engine.bench.scale. ``--compare N``: see engine.bench.compare. ``--chaos N``: see engine.bench.chaos. ``--teachers``: see engine.bench.teachers.
 ``--train``: see engine.bench.train.
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ class BenchConfig:
     plan: int = 0                         # committed shards for the planning figure
     audit: int = 0                        # manifest rows for the audit figure
     compare: int = 0                      # samples per side for the compare figure
+    chaos: int = 0                        # shards of the chaos run (engine.bench.chaos)
+    repair: int = 0                       # photos in the shard of the repair figure
     output: str | None = None             # OUTPUT of the end-to-end runs, or of --plan/--audit
     repeats: int = 3
     baselines: bool = True                # model-only, Ray Data and naive figures beside the engine's
@@ -123,8 +125,19 @@ def run_bench(cfg: BenchConfig) -> dict:
         from engine.bench.compare import compare_figures
 
         return {"machine": machine(), "compare": compare_figures(cfg.output or str(root / "compare"), cfg.compare)}
+    if cfg.chaos:
+        from engine.bench.chaos import chaos_figures
+
+        teacher, sky, desc = _models(cfg, root / "models")
+        return {"machine": machine(), "models": desc, "chaos": chaos_figures(cfg, root, teacher, sky)}
     if cfg.plan:
         return {"machine": machine(), "plan": plan_figures(cfg.output or str(root / "plan-output"), cfg.plan)}
+    if cfg.repair:
+        from engine.bench.repair import repair_figures
+
+        teacher, sky, desc = _models(cfg, root)
+        return {"machine": machine(), "models": desc, "repair": repair_figures(
+            root / "repair", cfg.repair, teacher, sky, cfg.repeats, cfg.batch_size, cfg.output)}
     if cfg.train:
         from engine.bench.train import train_figures
 
@@ -309,6 +322,16 @@ def print_report(r: dict) -> None:
         for a in r["aspects"]:
             print(f"  aspect {a['aspect']:>5g}:1  input {a['teacher_input']:>10}  {a['tokens']:>6} tokens  "
                   f"{a['seconds']:.3f} s  ({a['time_vs_first']:.2f}x aspect {r['aspects'][0]['aspect']:g})")
+        return
+    if "chaos" in r:
+        from engine.bench.chaos import print_chaos
+
+        print_chaos(r["chaos"])
+        return
+    if "repair" in r:
+        from engine.bench.repair import print_repair
+
+        print_repair(r["repair"])
         return
     if "compare" in r:
         from engine.bench.compare import print_compare

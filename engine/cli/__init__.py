@@ -13,7 +13,7 @@ from engine.errors import JobAborted
 from storage.objectstore import StorageError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, _program: bool = False) -> int:
     if argv is None:
         # Run as the program (`python -m engine`, the `depth-engine` script): leave without
         # interpreter teardown. An Arrow pool thread can still be dropping the last reference to
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         # through a noexcept destructor is std::terminate: exit 134 after complete output. So: do
         # here what teardown would do that matters (Ray is shut down by the commands that start it;
         # an attached driver is disconnected here), flush, and _exit. A caller passing argv returns.
-        code = main(sys.argv[1:])
+        code = main(sys.argv[1:], _program=True)
         try:
             if "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()
@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "json", False):
+            from engine.cli.printing import json_stdout
+
+            # run as the program, stdout stays stderr until the exit: an attached Ray is
+            # disconnected after the command, and may still print then
+            with json_stdout(restore=not _program):
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     # Every message is redacted: a URL or a server may echo credentials (storage.objectstore.redact).
     except UsageError as e:

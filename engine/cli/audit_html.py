@@ -70,7 +70,7 @@ def _hist_svg(hist: dict, title: str) -> str:
 def _triplet(output: ObjectStore, row: dict) -> dict | None:
     """The image, its colorized disparity and its sky mask, read by ranged GETs."""
     members = {m["name"][len(row["key"]) + 1:]: m for m in row["members"] or []}
-    tar = Output(output).shard_key(Output.name_of(row["shard"]))
+    tar = Output(output).tar_key(row["shard"])
     read = lambda m: output.read_range(tar, m["offset"], m["size"])  # noqa: E731
     image_ext = image_member(members)
     if image_ext is None or DISP_MEMBER not in members:

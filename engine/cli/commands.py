@@ -2,12 +2,11 @@
 Each imports its job where it runs, so a light command never pays for torch."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from engine.cli.parser import _limits, _rule
-from engine.cli.printing import print_audit, print_summary
+from engine.cli.printing import print_audit, print_json, print_repair, print_summary
 from engine.config import ConfigError, LabelConfig
 
 
@@ -23,9 +22,39 @@ def _label(args) -> int:
         workers=args.workers, device=args.device, dtype=args.dtype,
         max_attempts=args.max_attempts, retry_failed=args.retry_failed,
         ray_address=args.ray_address, progress=sys.stderr.isatty() or not args.json, limits=_limits(args))
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, config)
+    _dry_run_flags_alone(args)
+    if getattr(args, "repair_errors", False):
+        from engine.repair import repair
+
+        summary = repair(config, args.reason)
+        print_repair(summary.to_json(), args.json)
+        return summary.exit_code
+    if getattr(args, "reason", None) is not None:
+        raise ConfigError("--reason chooses the error rows of --repair-errors; add --repair-errors")
     summary = label(config)
     print_summary(summary.to_json(), args.json)
     return summary.exit_code
+
+
+def _dry_run(args, config) -> int:
+    from engine.cli.printing import print_estimate
+    from engine.dry_run import dry_run
+
+    if getattr(args, "repair_errors", False):
+        raise ConfigError("--dry-run estimates a label run; --repair-errors has no dry run")
+    estimate = dry_run(config, rate=args.rate, price_per_hour=args.price_per_hour, calibrate=args.calibrate)
+    print_estimate(estimate.to_json(), args.json)
+    return 0
+
+
+def _dry_run_flags_alone(args) -> None:
+    flags = {"--rate": getattr(args, "rate", None), "--price-per-hour": getattr(args, "price_per_hour", None),
+             "--calibrate": getattr(args, "calibrate", False) or None}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only go with --dry-run")
 
 
 def _evaluate(args) -> int:
@@ -37,7 +66,7 @@ def _evaluate(args) -> int:
                         max_attempts=args.max_attempts, ray_address=args.ray_address,
                         progress=sys.stderr.isatty() or not args.json)
     report = evaluate(config)
-    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    print_json(report) if args.json else print_report(report)
     return 3 if report["failed_shards"] else 0
 
 
@@ -55,7 +84,7 @@ def _compare(args) -> int:
 
         b = open_store(report["b"]) if report["b_kind"] == "output" else None
         write_compare_html(report, open_store(report["a"]), b, args.html)
-    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    print_json(report) if args.json else print_report(report)
     return 3 if report["failed_shards"] else 0
 
 
@@ -65,7 +94,7 @@ def _status(args) -> int:
 
     s = status(open_store(args.output))
     if args.json:
-        print(json.dumps(s, indent=2))
+        print_json(s)
     else:
         print(f"{s['committed']} committed, {s['failed']} failed, {s['pending']} pending, of {s['total']}")
         for name in s["failed_shards"]:
@@ -87,7 +116,7 @@ def _audit(args) -> int:
 
         write_html(report, output, args.html)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
     else:
         print_audit(report)
     return 0
@@ -113,7 +142,7 @@ def _verify(args) -> int:
 
         requeued = {bad.shard: Output(store).requeue(bad.shard, bad.problems) for bad in result.bad}
     if args.json:
-        print(json.dumps({**result.to_json(), **({"requeued": requeued} if args.requeue else {})}, indent=2))
+        print_json({**result.to_json(), **({"requeued": requeued} if args.requeue else {})})
     elif result.ok:
         print(f"{result.checked} shards checked, all agree")
     else:
@@ -210,10 +239,10 @@ def _bench(args) -> int:
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
         train=args.train, batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        workdir=args.workdir, plan=args.plan, audit=args.audit, compare=args.compare, output=args.output,
+        workdir=args.workdir, plan=args.plan, audit=args.audit, compare=args.compare, chaos=args.chaos, repair=args.repair, output=args.output,
         repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
-    print(json.dumps(report, indent=2)) if args.json else print_report(report)
+    print_json(report) if args.json else print_report(report)
     return 0
 
 

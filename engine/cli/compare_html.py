@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.cli.audit_html import THUMB, _data_uri, _fmt, colorize
 from pipelines.decode import decode_image
+from storage import layout
 from storage.label_format import read_disparity_png, read_mask_png
 from storage.objectstore import ObjectStore, StorageError
 from storage.output import Output
@@ -89,14 +90,16 @@ class _Missing(Exception):
 def _pair(rank: int, entry: dict, a: ObjectStore, b: ObjectStore | None) -> str:
     """One row of the sheet. A member that cannot be read or decoded spoils its cells, not the page."""
     members, loaded = entry.get("members") or {}, {}
-    tar = Output.name_of(entry["shard"])
+    first = layout.shard_file(entry["shard"])     # a pair without its sides' tars: as first labeled
+    tars = {"a": entry.get("shard_a") or first, "b": entry.get("shard_b") or first}   # each side's generation
 
     def load(name: str):
         if name not in loaded:
             store, m = (a if name in _IN_A else b), members.get(name)
             if store is None or m is None:
                 raise _Missing(NOT_STORED)
-            loaded[name] = _DECODE[name](store.read_range(Output(store).shard_key(tar), m["offset"], m["size"]))
+            tar = Output(store).tar_key(tars["a" if name in _IN_A else "b"])
+            loaded[name] = _DECODE[name](store.read_range(tar, m["offset"], m["size"]))
         return loaded[name]
 
     def optional(name: str):

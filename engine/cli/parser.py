@@ -97,6 +97,22 @@ def build_parser() -> Parser:
     lab.add_argument("--keep-depth", action="store_true",
                      help="a metric teacher: also keep its metres as <key>.depth.png "
                           "(16-bit, metres x 256, 0 = none: the KITTI convention)")
+    lab.add_argument("--dry-run", action="store_true",
+                     help="write nothing: say the shards and images pending, the rate, and the job's projected "
+                          "wall time, worker-hours, output bytes, S3 requests and cost")
+    lab.add_argument("--rate", type=float, default=None, metavar="IMAGES_PER_SECOND_PER_WORKER",
+                     help="with --dry-run: images/s of one worker (default: the latest run recorded in OUTPUT, "
+                          "else a calibration on one worker of the cluster)")
+    lab.add_argument("--calibrate", action="store_true",
+                     help="with --dry-run: calibrate even when OUTPUT records an earlier run's rate")
+    lab.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                     help="with --dry-run: the price of one worker-hour (one GPU actor, or one CPU actor's "
+                          "cores) for the cost")
+    lab.add_argument("--repair-errors", action="store_true",
+                     help="relabel only the error rows of committed shards (their inputs fixed since); each "
+                          "such shard is rewritten as a new generation, its other samples copied byte for byte")
+    lab.add_argument("--reason", default=None, metavar="REGEX",
+                     help="with --repair-errors: only the error rows whose reason this matches (Python re.search)")
 
     gt = sub.add_parser("convert-gt", help="convert labeled shards (image + depth/disparity) into the label format")
     _job_arguments(gt)
@@ -155,8 +171,13 @@ def build_parser() -> Parser:
                    help="only time resume planning over an OUTPUT with N committed shards")
     b.add_argument("--compare", type=int, default=0, metavar="N",
                    help="only compare: two synthetic OUTPUTs of N samples each, all and a 1%% sample")
+    b.add_argument("--chaos", type=int, default=0, metavar="N",
+                   help="only a chaos run: a job of N shards on a 3-node local Ray cluster, calm and while "
+                        "workers are killed and a node removed, side by side")
     b.add_argument("--audit", type=int, default=0, metavar="ROWS",
                    help="only time `audit --json` over a synthetic manifest of ROWS rows")
+    b.add_argument("--repair", type=int, default=0, metavar="N",
+                   help="only label --repair-errors on a shard of N photos (5%% fixed since) beside relabeling it whole")
     b.add_argument("--output", default=None, metavar="URL",
                    help="OUTPUT prefix of the end-to-end runs (e.g. s3://bkt/bench/), or of --plan/--audit")
     b.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs of each figure (median reported)")

@@ -7,14 +7,17 @@ while a shard is in flight.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import socket
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import ray
 
 from engine.models import resolve
+from engine.runtime import preemption
 from engine.runtime.attempt import Attempt
 from labelers import plugins
 from labelers.devices import GpuSampler
@@ -24,6 +27,7 @@ from pipelines.compare import ShardComparison, compare_shard
 from pipelines.decode import SampleLimits
 from pipelines.evaluate import ShardEvaluation, evaluate_shard
 from pipelines.pseudo_label import Labelers, ShardResult, label_shard
+from pipelines.repair import repair_shard
 from pipelines.tasks import Progress, ShardTask
 from storage.commit import ClaimPolicy
 from storage.s3_client import request_counts
@@ -47,6 +51,7 @@ class WorkerSpec:
     torch_threads: int | None = None
     claim_seconds: float = 60.0
     limits: SampleLimits = SampleLimits()
+    repair: str | None = None           # label --repair-errors: the reason regex ("" any); None labels
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class _Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpus[0]}" if gpus else "")
         self.device = device
         self.live = Progress()
+        preemption.install()        # SIGTERM: give the shard up at once (runs on the main thread)
 
     def ready(self) -> str:
         return self.name
@@ -145,9 +151,12 @@ class LabelActor(_Worker):
         self._started(self.labelers.device or "cpu")
 
     def work(self, task: ShardTask, live: Progress) -> ShardResult:
-        return label_shard(task, self.labelers, self.output, batch_size=self.spec.batch_size,
-                           threads=self.spec.threads, worker=self.name, progress=live,
-                           claim=ClaimPolicy.of(self.spec.claim_seconds), limits=self.spec.limits)
+        flow = label_shard
+        if self.spec.repair is not None:        # only the error rows, into the next generation
+            flow = partial(repair_shard, reason=re.compile(self.spec.repair) if self.spec.repair else None)
+        return flow(task, self.labelers, self.output, batch_size=self.spec.batch_size,
+                    threads=self.spec.threads, worker=self.name, progress=live,
+                    claim=ClaimPolicy.of(self.spec.claim_seconds), limits=self.spec.limits)
 
 
 @ray.remote(concurrency_groups={"report": 1})
@@ -183,3 +192,29 @@ class CompareActor(_Worker):
         return compare_shard(task, self.a, self.b, fraction=self.spec.fraction, labelers=self.labelers,
                              batch_size=self.spec.batch_size, threads=self.spec.threads, worker=self.name,
                              progress=live)
+
+
+@ray.remote(concurrency_groups={"report": 1})
+class CalibrateActor(_Worker):
+    """A label actor that writes nothing to OUTPUT: the job's models, loaded as a LabelActor
+    loads them, label a few real input images (pipelines.calibrate) and it says how fast
+    (``label --dry-run``)."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.labelers = load_labelers(spec)
+        self._started(self.labelers.device or "cpu")
+
+    def calibrate(self, sources: list[str], images: int) -> dict:
+        from pipelines.calibrate import calibrate, first_samples
+
+        samples, used = first_samples(sources, images, self.spec.limits)
+        if not samples:
+            raise ValueError(f"no image found in the first pending shard(s): {', '.join(sources)}")
+        c = calibrate(samples, self.labelers, batch_size=self.spec.batch_size, threads=self.spec.threads,
+                      limits=self.spec.limits, sources=tuple(used))
+        return {"worker": self.name, "device": str(self.device), **self.labelers.names,
+                "teacher_sha256": self.spec.teacher_sha256, "sky_sha256": self.spec.sky_sha256,
+                "images": c.images, "seconds": round(c.seconds, 4), "warmup_seconds": round(c.warmup_seconds, 4),
+                "images_per_second": round(c.images_per_second, 4), "bytes_per_image": round(c.bytes_per_image, 1),
+                "stage_seconds": c.stage_seconds, "sources": list(c.sources)}

@@ -25,6 +25,21 @@ def start_ray(config) -> bool:
     return True
 
 
+def local_resources() -> dict:
+    """What the local Ray that ``start_ray`` starts would offer, without starting it (a dry run
+    with its rate known): every CPU, the CUDA devices, and Ray's default share of the memory
+    available (70 %; the object store takes the rest)."""
+    import torch
+
+    try:    # Ray's own rule, which sees a container's cgroup limit
+        from ray._private.utils import estimate_available_memory
+        available = estimate_available_memory()
+    except (ImportError, AttributeError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "memory": int(0.7 * available)}
+
+
 # A CPU actor's memory beside its models: the Ray worker, torch, read-ahead, the sky model's
 # class maps at the image's size, encode buffers (peak worker RSS 2.8 GiB with a ViT-S teacher
 # at 518 and a b0 segmenter at 512 on photos up to 1280x720, docs/BENCHMARKS.md).
@@ -46,7 +61,7 @@ class Layout:
         return f"{self.actors} {self.device} actor{'s' if self.actors != 1 else ''}{threads}: {self.rule}"
 
 
-def actor_layout(config, model_bytes: int = 0) -> Layout:
+def actor_layout(config, model_bytes: int = 0, resources: dict | None = None) -> Layout:
     """One actor per GPU; on CPUs, one single-threaded actor per core, as many as memory allows,
     unless ``--workers`` says otherwise.
 
@@ -60,7 +75,7 @@ def actor_layout(config, model_bytes: int = 0) -> Layout:
     holds its own copy of the models, so memory bounds the count (``model_bytes``: the job's
     weight files).
     """
-    resources = ray.cluster_resources()
+    resources = ray.cluster_resources() if resources is None else resources
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
     if config.device == "cuda" and not gpus:

@@ -334,7 +334,7 @@ class DepthShards(torch.utils.data.IterableDataset):
         cfg, url = self.config, self.config.outputs[plan.output]
         seen = 0
         output = Output(open_store(url))
-        tar = output.shard_key(Output.name_of(plan.shard))
+        tar = output.tar_key(plan.shard)
         with output.store.open_read(tar) as stream:
             for sample in iter_tar_samples(stream):
                 key = sample["__key__"]

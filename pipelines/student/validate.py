@@ -86,7 +86,7 @@ def val_samples(val: ValSet, crop: int) -> Iterator[ValSample]:
     """Streamed shard by shard, every time: a holdout decoded once would sit in memory for the run."""
     output = Output(open_store(val.url))
     for plan in val.plans:
-        with output.store.open_read(output.shard_key(Output.name_of(plan.shard))) as stream:
+        with output.store.open_read(output.tar_key(plan.shard)) as stream:
             for sample in iter_tar_samples(stream):
                 if plan.wants(sample["__key__"]):
                     yield val_sample(sample, val.rule, crop)
