@@ -58,6 +58,7 @@ class Summary:
     stage_seconds: dict = field(default_factory=dict)   # per stage, summed over this run's shards
     gpu_utilization: float | None = None                # mean sampled GPU utilization (%), if any
     s3_requests: dict = field(default_factory=dict)     # the workers' S3 requests, by operation
+    s3_retries: dict = field(default_factory=dict)      # of them, retries (throttling, 5xx, cut connections)
     workers: int = 0
     device: str = ""
     layout: str = ""                   # the actors and threads chosen, and why
@@ -223,6 +224,7 @@ def _run(config, output, urls, spec, lay, summary, lock) -> None:
     summary.stage_seconds = {k: round(v, 3) for k, v in summary.stage_seconds.items()}
     summary.gpu_utilization = run.telemetry.gpu_utilization
     summary.s3_requests = run.telemetry.s3_requests
+    summary.s3_retries = run.telemetry.s3_retries
     summary.peak_worker_rss_mb = run.telemetry.peak_rss_bytes / 2**20
     if done and run.steady_seconds > 0:   # the rate a later dry run plans with (engine.runs)
         _record_run(output, runs.RunRecord.of(

@@ -143,15 +143,23 @@ class Output:
         keys = {}
         for n in names:
             found = present.get(n, [])
-            keys[n] = found[0][1] if len(found) == 1 else self.current_tar_key(n)
+            if len(found) == 1:
+                keys[n] = found[0][1]
+            else:       # two: an interrupted repair, the part decides; none: the reader will say so
+                keys[n] = self.current_tar_key(n) if found else layout.shard_key(n)
         return keys
 
     def current_tar_key(self, name: str) -> str:
-        """The tar key shard ``name``'s manifest part names (one GET of the part)."""
+        """The tar key shard ``name``'s manifest part names (one GET of the part); generation 0
+        when it has no part."""
         # pyarrow, imported here: the listing-only commands (status) never need it
         from storage.manifest import decode_part
 
-        shards = decode_part(self.store.get(layout.manifest_key(name)), columns=["shard"]).column("shard")
+        try:
+            part = self.store.get(layout.manifest_key(name))
+        except FileNotFoundError:
+            return layout.shard_key(name)
+        shards = decode_part(part, columns=["shard"]).column("shard")
         return self.tar_key(shards[0].as_py()) if len(shards) else layout.shard_key(name)
 
     @staticmethod

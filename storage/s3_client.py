@@ -53,6 +53,7 @@ def client() -> Any:
             config = Config(retries=retries, max_pool_connections=MAX_POOL_CONNECTIONS)
             s3 = session.client("s3", region_name=region, config=config)
             s3.meta.events.register("before-send.s3", _count_request)
+            s3.meta.events.register("before-call.s3", _count_call)
             _clients[key] = s3
         return _clients[key]
 
@@ -96,6 +97,7 @@ def storage_error(op: str, url: str, exc: BaseException) -> StorageError:
 
 
 _REQUESTS: Counter = Counter()
+_CALLS: Counter = Counter()
 _REQUESTS_LOCK = threading.Lock()
 
 
@@ -106,10 +108,24 @@ def request_counts() -> dict[str, int]:
         return dict(_REQUESTS)
 
 
+def retry_counts() -> dict[str, int]:
+    """Of those requests, the retries (throttling, 5xx, a cut connection), by operation: the
+    requests sent beyond one per call made. A call in flight may not have sent yet, so an
+    operation's count never goes below 0."""
+    with _REQUESTS_LOCK:
+        return {op: n - _CALLS[op] for op, n in _REQUESTS.items() if n > _CALLS[op]}
+
+
 def _count_request(event_name: str = "", **_) -> None:
     """botocore's before-send hook (event ``before-send.s3.<Operation>``): one per request sent."""
     with _REQUESTS_LOCK:
         _REQUESTS[event_name.rsplit(".", 1)[-1]] += 1
+
+
+def _count_call(event_name: str = "", **_) -> None:
+    """botocore's before-call hook: one per API call, however many requests its retries send."""
+    with _REQUESTS_LOCK:
+        _CALLS[event_name.rsplit(".", 1)[-1]] += 1
 
 
 def call(op: str, url: str, fn: Callable[..., Any], **kwargs: Any) -> Any:

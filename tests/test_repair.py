@@ -234,12 +234,13 @@ def test_kill_9_during_a_repair_leaves_a_whole_generation_and_a_rerun_completes(
     assert verify(output).ok
 
 
-def test_the_command_repairs_on_ray_and_the_readers_follow(tmp_path, labelers, tiny_models, s3_bucket):
-    """``label --repair-errors`` on the engine's actors (local Ray) into S3 (the in-process tests
-    cover local storage); then verify, status, audit and the student loader read the new generation."""
+def test_the_command_repairs_on_ray_and_the_readers_follow(tmp_path, labelers, tiny_models):
+    """``label --repair-errors`` on the engine's actors (local Ray; the flow's tests above run on
+    every store, S3 included); then verify, status, audit and the student loader read the new
+    generation."""
     from pipelines.student.loader import DepthShards, LoaderConfig
 
-    store_url = f"s3://{s3_bucket}/out/"
+    store_url = str(tmp_path / "out")
     url, output = labeled(tmp_path, labelers, store_url)
     args = [url, store_url, "--teacher", tiny_models.teacher, "--sky", tiny_models.sky, "--workers", "1"]
     config = LabelConfig(input=url, output=store_url, teacher=tiny_models.teacher, sky=tiny_models.sky)

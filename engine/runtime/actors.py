@@ -30,7 +30,7 @@ from pipelines.pseudo_label import Labelers, ShardResult, label_shard
 from pipelines.repair import repair_shard
 from pipelines.tasks import Progress, ShardTask
 from storage.commit import ClaimPolicy
-from storage.s3_client import request_counts
+from storage.s3_client import request_counts, retry_counts
 from storage.stores import open_store
 
 
@@ -131,15 +131,19 @@ class _Worker:
 
     def run(self, task: ShardTask) -> Attempt:
         self.live = Progress(extra={"shard": task.name})
-        before = request_counts()
+        before, retried = request_counts(), retry_counts()
         t0 = time.perf_counter()
         with GpuSampler(self.device) as gpu:
             result = self.work(task, self.live)
-        after = request_counts()
         return Attempt(result=result, worker=self.name, attempt=task.attempt, seconds=time.perf_counter() - t0,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-                       gpu_utilization=gpu.mean,
-                       s3_requests={op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)})
+                       gpu_utilization=gpu.mean, s3_requests=_since(before, request_counts()),
+                       s3_retries=_since(retried, retry_counts()))
+
+
+def _since(before: dict, after: dict) -> dict:
+    """Counters by operation: what grew between two readings."""
+    return {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
 
 
 @ray.remote(concurrency_groups={"report": 1})

@@ -15,6 +15,7 @@ class Attempt:
     peak_rss_bytes: int             # the worker process's peak so far
     gpu_utilization: float | None   # mean sampled GPU utilization (%), None without a GPU
     s3_requests: dict               # this attempt's S3 requests, by operation
+    s3_retries: dict = field(default_factory=dict)   # of them, retries (storage.s3_client)
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Telemetry:
     attempts: int = 0
     peak_rss_bytes: int = 0
     s3_requests: dict = field(default_factory=dict)
+    s3_retries: dict = field(default_factory=dict)
     _gpu: list = field(default_factory=list)     # (utilization, seconds)
 
     def add(self, a: Attempt) -> None:
@@ -31,6 +33,8 @@ class Telemetry:
         self.peak_rss_bytes = max(self.peak_rss_bytes, a.peak_rss_bytes)
         for op, n in a.s3_requests.items():
             self.s3_requests[op] = self.s3_requests.get(op, 0) + n
+        for op, n in a.s3_retries.items():
+            self.s3_retries[op] = self.s3_retries.get(op, 0) + n
         if a.gpu_utilization is not None:
             self._gpu.append((a.gpu_utilization, a.seconds))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ray
 
 from storage.objectstore import redact
-from storage.s3_client import request_counts
+from storage.s3_client import request_counts, retry_counts
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ S3_REQUESTS = MetricDef("depth_engine_s3_requests_total", "counter",
                         "S3 HTTP requests sent by workers and driver, retries included.", ("operation",))
 GPU = MetricDef("depth_engine_gpu_utilization_percent", "gauge",
                 "Mean GPU utilization of a worker's last attempt.", ("worker",))
-DEFINITIONS = (IMAGES, SAMPLE_ERRORS, ATTEMPTS, RETRIES, FAILED, STAGE_SECONDS, MODEL_BUSY, QUEUE, S3_REQUESTS, GPU)
+S3_RETRIES = MetricDef("depth_engine_s3_retries_total", "counter",
+                       "Of those S3 requests, the retries (throttling, 5xx, cut connections).", ("operation",))
+DEFINITIONS = (IMAGES, SAMPLE_ERRORS, ATTEMPTS, RETRIES, FAILED, STAGE_SECONDS, MODEL_BUSY, QUEUE, S3_REQUESTS,
+               S3_RETRIES, GPU)
 
 # The reasons the engine writes into a row's `error` (pipelines.decode, storage.shards' refusals,
 # the ground-truth readers, evaluate), in a handful of classes; the first match wins.
@@ -136,6 +139,7 @@ class JobMetrics:
         self.model_seconds = self.busy_seconds = 0.0
         self.gpu: dict[str, float] = {}         # worker -> utilization of its last attempt
         self.s3_seen = request_counts()         # the driver's own requests, counted from here
+        self.retries_seen = retry_counts()
         self.on = True
         self.queued = 0
 
@@ -176,6 +180,8 @@ class JobMetrics:
             self._add(STAGE_SECONDS, seconds, stage=stage)
         for op, n in a.s3_requests.items():
             self._add(S3_REQUESTS, n, operation=op)
+        for op, n in getattr(a, "s3_retries", {}).items():
+            self._add(S3_RETRIES, n, operation=op)
         if hasattr(r, "model_seconds"):
             self.model_seconds += r.model_seconds
             self.busy_seconds += getattr(r, "seconds", 0.0) or a.seconds
@@ -194,9 +200,13 @@ class JobMetrics:
         drops a gauge that is not set again within two report intervals)."""
         self.queued = queued
         self._set(QUEUE, queued)
-        now = request_counts()
+        now, retried = request_counts(), retry_counts()
         for op, n in now.items():
             self._add(S3_REQUESTS, n - self.s3_seen.get(op, 0), operation=op)
+        for op, n in retried.items():       # counted once each: a reading may dip while a call is in flight
+            if n > self.retries_seen.get(op, 0):
+                self._add(S3_RETRIES, n - self.retries_seen.get(op, 0), operation=op)
+                self.retries_seen[op] = n
         self.s3_seen = now
         if self.busy_seconds:
             self._set(MODEL_BUSY, self.model_seconds / self.busy_seconds)
