@@ -88,7 +88,7 @@ def repair(config: LabelConfig, reason: str | None = None) -> RepairSummary:
     with JobLock(p.output, config.lease_seconds) as lock:
         p.output.abort_incomplete("", before=lock.acquired_at)   # uploads of attempts that died
         urls = {layout.shard_name(u): u for u in p.shards}
-        committed = sorted(Output(p.output).committed(urls))
+        committed = sorted(Output(p.output).committed(urls) & urls.keys())   # this INPUT's shards only
         summary.shards_pending = len(urls) - len(committed)
         parts = _read_parts(p.output, committed, pattern)
         summary.superseded_removed = _remove_superseded(p.output, parts)

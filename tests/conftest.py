@@ -149,6 +149,25 @@ def s3_bucket(s3_backend) -> str:
     return s3_backend.bucket()
 
 
+# A whole job on Ray (a minute of CPU) runs on one S3 server: Ceph RGW where it is set up (and
+# always in CI, which must set it up), else moto. The storage layer's own tests run on both.
+ONE_S3 = ["ceph" if os.environ.get(CEPH_ENV_VAR) or os.environ.get("CI") == "true" else "moto"]
+
+
+@pytest.fixture(params=ONE_S3)
+def job_s3_bucket(request, monkeypatch) -> str:
+    """A fresh bucket on the one S3 server of the costly tests (ONE_S3)."""
+    return _backend(request.param, request, monkeypatch).bucket()
+
+
+@pytest.fixture(params=["local", *ONE_S3])
+def job_store_url(request, tmp_path, monkeypatch) -> str:
+    """store_url for the costly tests: a local directory, or a prefix on ONE_S3."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return f"s3://{_backend(request.param, request, monkeypatch).bucket()}/root/"
+
+
 @pytest.fixture
 def local_root(tmp_path) -> str:
     """A store directory that does not exist yet (stores create it on first write)."""

@@ -15,9 +15,10 @@ HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrad
 
 
 class FaultyS3:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, hold=None):
+        """``hold(method, path)``: called before each request is relayed; it may block it."""
         u = urlsplit(upstream)
-        self.upstream = (u.hostname, u.port)
+        self.upstream, self.hold = (u.hostname, u.port), hold
         self.throttle_every = 0      # every Nth request answers 503 SlowDown (0: never)
         self.cut_every = 0           # every Nth object GET is cut off halfway (0: never)
         self.requests = self.throttled = self.cut = self.object_gets = 0
@@ -33,6 +34,8 @@ class FaultyS3:
             def _relay(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.hold is not None:
+                    proxy.hold(self.command, self.path)
                 with proxy._lock:
                     proxy.requests += 1
                     n = proxy.requests
@@ -55,7 +58,9 @@ class FaultyS3:
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP and k.lower() != "content-length":
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD's length is the object's, as the server said it
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 is_object = (self.command == "GET" and resp.status in (200, 206) and len(data) > 1024
                              and "xml" not in (resp.getheader("Content-Type") or ""))

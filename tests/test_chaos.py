@@ -20,9 +20,9 @@ from helpers_output import check_agreement, list_objects, read
 
 from engine.bench.chaos import Chaos, three_nodes
 
-SHARDS = 36
+SHARDS = 24
 PER_SHARD = 3
-FAULTS = 7            # the third is the node removal
+FAULTS = 5            # the third is the node removal: 4 kills (SIGKILL, SIGTERM in turn) and 1 node
 PER_FAULT = 2         # shards committed between two faults: all of them happen, on any machine
 
 

@@ -175,9 +175,9 @@ def _upload(s3, bucket: str, local: Path, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}/"
 
 
-def test_on_s3_a_tenth_reads_a_tenth(pair, s3_bucket):
+def test_on_s3_a_tenth_reads_a_tenth(pair, job_s3_bucket):
     s3 = boto3.client("s3")
-    a, b = _upload(s3, s3_bucket, pair / "A", "A"), _upload(s3, s3_bucket, pair / "B", "B")
+    a, b = _upload(s3, job_s3_bucket, pair / "A", "A"), _upload(s3, job_s3_bucket, pair / "B", "B")
     full = compare(CompareConfig(a=a, b=b, progress=False))
     tenth = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))
     again = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))

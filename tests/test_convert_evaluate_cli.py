@@ -123,12 +123,12 @@ def test_evaluate_usage_errors_exit_2(tmp_path, tiny_models):
     assert "--teacher" in p.stderr
 
 
-def test_convert_gt_and_evaluate_on_s3(tmp_path, tiny_models, s3_bucket):
+def test_convert_gt_and_evaluate_on_s3(tmp_path, tiny_models, job_s3_bucket):
     s3 = boto3.client("s3")
     for path in scene_shards(tmp_path / "raw"):
-        s3.upload_file(path, s3_bucket, f"labeled/{Path(path).name}")
-    out = f"s3://{s3_bucket}/gt/"
-    summary = json.loads(run("convert-gt", f"s3://{s3_bucket}/labeled/", out, "--sky", "none",
+        s3.upload_file(path, job_s3_bucket, f"labeled/{Path(path).name}")
+    out = f"s3://{job_s3_bucket}/gt/"
+    summary = json.loads(run("convert-gt", f"s3://{job_s3_bucket}/labeled/", out, "--sky", "none",
                              "--workers", "1", "--json", check=0).stdout)
     assert (summary["shards_committed"], summary["samples_ok"]) == (2, 4)
     assert json.loads(run("verify", out, "--json", check=0).stdout)["ok"]

@@ -118,15 +118,15 @@ def test_model_problems_exit_2_before_any_work(tmp_path, tiny_models):
     assert not (tmp_path / "o1" / "shards").exists()
 
 
-def test_label_s3_brace_input_teacher_from_bucket(tmp_path, tiny_models, s3_bucket):
+def test_label_s3_brace_input_teacher_from_bucket(tmp_path, tiny_models, job_s3_bucket):
     s3 = boto3.client("s3")
     for path in make_inputs(tmp_path / "raw"):
-        s3.upload_file(path, s3_bucket, f"raw/{Path(path).name}")
+        s3.upload_file(path, job_s3_bucket, f"raw/{Path(path).name}")
     for f in Path(tiny_models.teacher).iterdir():
-        s3.upload_file(str(f), s3_bucket, f"models/teacher/{f.name}")
-    out = f"s3://{s3_bucket}/labeled/"
-    p = run("label", f"s3://{s3_bucket}/raw/shard-{{000000..000001}}.tar", out,
-            "--teacher", f"s3://{s3_bucket}/models/teacher/", "--sky", tiny_models.sky,
+        s3.upload_file(str(f), job_s3_bucket, f"models/teacher/{f.name}")
+    out = f"s3://{job_s3_bucket}/labeled/"
+    p = run("label", f"s3://{job_s3_bucket}/raw/shard-{{000000..000001}}.tar", out,
+            "--teacher", f"s3://{job_s3_bucket}/models/teacher/", "--sky", tiny_models.sky,
             "--workers", "1", "--json", check=0)
     summary = json.loads(p.stdout)
     assert (summary["shards_committed"], summary["samples_ok"], summary["samples_error"]) == (2, 5, 3)
@@ -139,13 +139,13 @@ def test_label_s3_brace_input_teacher_from_bucket(tmp_path, tiny_models, s3_buck
     fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
                            access_key=os.environ["AWS_ACCESS_KEY_ID"],
                            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
-    table = ds.dataset(f"{s3_bucket}/labeled/manifest", filesystem=fs, format="parquet").to_table()
+    table = ds.dataset(f"{job_s3_bucket}/labeled/manifest", filesystem=fs, format="parquet").to_table()
     assert table.num_rows == 8
-    keys = s3.list_objects_v2(Bucket=s3_bucket, Prefix="labeled/shards/")["Contents"]
-    tars = {Path(k["Key"]).name: s3.get_object(Bucket=s3_bucket, Key=k["Key"])["Body"].read() for k in keys}
+    keys = s3.list_objects_v2(Bucket=job_s3_bucket, Prefix="labeled/shards/")["Contents"]
+    tars = {Path(k["Key"]).name: s3.get_object(Bucket=job_s3_bucket, Key=k["Key"])["Body"].read() for k in keys}
     assert set(tars) == {"shard-000000.tar", "shard-000001.tar"}
     check_output_shards(tars, table)
-    job = json.loads(s3.get_object(Bucket=s3_bucket, Key="labeled/job.json")["Body"].read())
+    job = json.loads(s3.get_object(Bucket=job_s3_bucket, Key="labeled/job.json")["Body"].read())
     assert job["label"]["teacher"]["kind"] == "s3"
     assert job["label"]["teacher"]["sha256"] == resolve(tiny_models.teacher).sha256
 

@@ -6,6 +6,7 @@ on S3, many pages of a range; the names are chosen to sort oddly around the boun
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -31,14 +32,12 @@ NOISE = ["manifest/notes.txt", "manifest/deep/x.parquet", "manifest-old/a.parque
 
 @pytest.fixture
 def store(store_url, monkeypatch):
-    monkeypatch.setattr(s3_module, "LIST_PAGE_SIZE", 3)   # a range spans several pages
+    monkeypatch.setattr(s3_module, "LIST_PAGE_SIZE", 5)   # a range (about 7 keys) spans pages
     store = open_store(store_url)
-    for name in COMMITTED:
-        store.put(layout.manifest_key(name), name.encode())
-    for name in FAILED:
-        store.put(layout.failed_key(name), b"{}")
-    for key in NOISE:
-        store.put(key, b"noise")
+    objects = ([(layout.manifest_key(n), n.encode()) for n in COMMITTED] + [(layout.failed_key(n), b"{}") for n in FAILED]
+               + [(key, b"noise") for key in NOISE])
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: store.put(*kv), objects))
     return store
 
 
@@ -68,7 +67,7 @@ def test_split_covers_the_key_space_with_bounds_taken_from_the_keys(monkeypatch)
 
 
 def test_a_ranged_list_is_the_full_list_filtered(store, monkeypatch):
-    monkeypatch.setattr(s3_module, "LIST_PAGE_SIZE", 10)
+    monkeypatch.setattr(s3_module, "LIST_PAGE_SIZE", 40)    # still several pages of the ~270 keys
     full = list(store.list())
     keys = [o.key for o in full]
     bounds = [None, keys[0], keys[7], "manifest/", "manifest/a-.parquet", "manifest/shard-5",

@@ -9,7 +9,6 @@ slow S3 endpoint, the actor holding the claim SIGTERMed, and the job finishing w
 retried elsewhere."""
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
@@ -20,14 +19,13 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import boto3
 import numpy as np
 import pyarrow.parquet as pq
 from builders import photo_samples, write_shard
+from faulty_s3 import FaultyS3
 from helpers_output import check_agreement, list_objects, processes, read
 
 from engine.bench.synthetic import jpeg, scene
@@ -199,56 +197,27 @@ class StallingS3:
     made while the shard's claim is taken (a commit inside its claim window) until ``go``."""
 
     def __init__(self, upstream: str, bucket: str):
-        u = urlsplit(upstream)
-        self.upstream, self.bucket = (u.hostname, u.port), bucket
+        self.bucket = bucket
         self.stalled = threading.Event()     # set once a commit is held; .shard names it
         self.go = threading.Event()
         self.shard: str | None = None
         self._lock = threading.Lock()
-        direct = boto3.session.Session().client("s3", endpoint_url=upstream)
-        proxy = self
+        self._direct = boto3.session.Session().client("s3", endpoint_url=upstream)
+        self._proxy = FaultyS3(upstream, hold=self._hold)
+        self.url = self._proxy.url
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def _hold(self, method: str, path: str) -> None:
+        m = re.search(r"/(?P<out>[^?]*/)manifest/(?P<name>[^/?]+)\.parquet", path)
+        if method == "HEAD" and m and self._first(m["out"], m["name"]):
+            self.go.wait()
 
-            def log_message(self, *a):
-                pass
-
-            def _relay(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                m = re.search(r"/(?P<out>[^?]*/)manifest/(?P<name>[^/?]+)\.parquet", self.path)
-                if self.command == "HEAD" and m and proxy._first(direct, m["out"], m["name"]):
-                    proxy.go.wait()
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                conn.request(self.command, self.path, body=body,
-                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", resp.getheader("Content-Length") or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def _first(self, direct, out: str, name: str) -> bool:
+    def _first(self, out: str, name: str) -> bool:
         """The first look for a part while its claim is held: the one to stall."""
         prefix = out.split("/", 1)[1] + layout.claim_prefix(name)
         with self._lock:
             if self.shard is not None:
                 return False
-            if not direct.list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("KeyCount"):
+            if not self._direct.list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("KeyCount"):
                 return False
             self.shard = name
         self.stalled.set()
@@ -256,7 +225,7 @@ class StallingS3:
 
     def close(self) -> None:
         self.go.set()
-        self.server.shutdown()
+        self._proxy.close()
 
 
 def _summary(stdout: str) -> dict:

@@ -87,7 +87,7 @@ def test_a_stopped_run_resumes_where_it_stopped(setup):
     assert [r["step"] for r in log] == list(range(1, 31))
 
 
-def test_two_ranks_under_torchrun_stop_and_resume_with_checkpoints_on_s3(setup, s3_bucket):
+def test_two_ranks_under_torchrun_stop_and_resume_with_checkpoints_on_s3(setup, job_s3_bucket):
     """DDP on CPU (gloo): what a GPU run does with torchrun --nproc_per_node N, checkpointing to
     the S3 endpoint; a stopped run resumes from S3 alone, each rank at its own place."""
     import subprocess
@@ -96,7 +96,7 @@ def test_two_ranks_under_torchrun_stop_and_resume_with_checkpoints_on_s3(setup, 
     from pipelines.student import checkpoint
 
     tmp, outs, student, frozen = setup
-    url = f"s3://{s3_bucket}/runs/ddp/"
+    url = f"s3://{job_s3_bucket}/runs/ddp/"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "engine"]
     args = [*torchrun, "train-student", "--labeled", outs["labeled"], "--pseudo", outs["pseudo"],
             "--student", student, "--frozen", frozen, "--out", url, "--steps", "6", "--crop", "56",

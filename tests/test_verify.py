@@ -169,32 +169,32 @@ def test_not_an_output_and_bad_arguments_exit_2(tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_requeue_then_label_relabels_the_tampered_shard(store_url, inputs, tiny_models):
+def test_requeue_then_label_relabels_the_tampered_shard(job_store_url, inputs, tiny_models):
     """verify --requeue moves the bad shard's commit record aside (kept); the same label command
     then relabels that shard alone, and verify passes."""
     from engine.config import LabelConfig
     from engine.label import label
 
     raw = os.path.dirname(inputs[0])
-    config = LabelConfig(input=f"{raw}/", output=store_url, teacher=tiny_models.teacher, sky=tiny_models.sky,
+    config = LabelConfig(input=f"{raw}/", output=job_store_url, teacher=tiny_models.teacher, sky=tiny_models.sky,
                          workers=1, progress=False)
     assert label(config).shards_committed == len(NAMES)
-    store = open_store(store_url)
+    store = open_store(job_store_url)
     member = rows(store, NAMES[2])[0]["members"][0]
     blob = bytearray(store.get(layout.shard_key(NAMES[2])))
     blob[member["offset"] + member["size"] // 2] ^= 0xFF
     store.put(layout.shard_key(NAMES[2]), bytes(blob))
     record = store.get(layout.manifest_key(NAMES[2]))
 
-    p = run("verify", store_url, "--requeue")
+    p = run("verify", job_store_url, "--requeue")
     assert p.returncode == 1 and f"{NAMES[2]}: requeued" in p.stdout and "1 shard(s) requeued" in p.stdout, p.stdout
     assert store.info(layout.manifest_key(NAMES[2])) is None
     kept = [o.key for o in store.list(layout.REQUEUED)]
     assert len(kept) == 2 and store.get(next(k for k in kept if k.endswith(".parquet"))) == record
     assert f"member {member['name']}" in json.loads(store.get(next(k for k in kept if k.endswith(".json"))))["problems"][0]
-    p = run("status", store_url, "--json")
+    p = run("status", job_store_url, "--json")
     assert json.loads(p.stdout)["pending"] == 1
 
     again = label(config)
     assert (again.shards_committed, again.shards_skipped) == (1, len(NAMES) - 1)
-    assert verify(store).ok and run("verify", store_url).returncode == 0
+    assert verify(store).ok and run("verify", job_store_url).returncode == 0
