@@ -8,9 +8,15 @@ name is still recorded, by `escape_key`, in a form that is safe anywhere and rev
 
 from __future__ import annotations
 
+import re
+
 MAX_NAME_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # a file name on common file systems
 _KEPT = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# The common case, decided by one regex: ASCII letters, digits and '._-' in segments that are not
+# '.' or '..' (a segment of dots only is left to the full check), short enough. Planning checks
+# every input name (100,000 shards: 1 s of CPU char by char).
+_PLAIN = re.compile(r"(?!\.{1,2}(?:/|$))[A-Za-z0-9._-]{1,255}(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9._-]{1,255})*")
 
 
 def check_member_name(name: str) -> str | None:
@@ -20,6 +26,8 @@ def check_member_name(name: str) -> str | None:
     backslash or leading '/'; '/'-separated segments that are neither empty, '.' nor '..';
     at most 255 bytes a segment and 1024 in all.
     """
+    if len(name) <= MAX_NAME_BYTES and _PLAIN.fullmatch(name):
+        return None
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:

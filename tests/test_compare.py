@@ -17,11 +17,17 @@ import pytest
 from builders import bad_members, photo_samples, write_shard
 from PIL import Image
 
+from engine import job
 from engine.cli import main
 from engine.compare import CompareConfig, compare
 from engine.config import LabelConfig
-from engine.label import label
+from engine.label import label, prepare
+from labelers.sky import SkySegmenter
+from labelers.teacher import Teacher
+from pipelines.pseudo_label import Labelers, label_shard
+from pipelines.tasks import ShardTask
 from storage.manifest import decode_part
+from storage.stores import open_store
 
 SIZES = [(48, 64), (64, 48), (56, 56)]
 
@@ -35,9 +41,16 @@ def pair(tmp_path_factory, tiny_models):
     inputs.mkdir()
     write_shard(inputs / "shard-000000.tar", photo_samples(SIZES * 10, "a"))
     write_shard(inputs / "shard-000001.tar", photo_samples(SIZES * 10, "b", seed=50) + bad)
+    # Labeled in process (the label flow and job.json as `label` writes them): what is tested
+    # here is compare on Ray, not labeling on Ray.
+    sky = SkySegmenter.load(tiny_models.sky, name=tiny_models.sky)
     for name, teacher in (("A", tiny_models.teacher), ("B", tiny_models.other_teacher)):
-        label(LabelConfig(input=f"{inputs}/", output=str(root / name), teacher=teacher, sky=tiny_models.sky,
-                          workers=1, progress=False))
+        config = LabelConfig(input=f"{inputs}/", output=str(root / name), teacher=teacher, sky=tiny_models.sky)
+        store = open_store(config.output)
+        job.write(store, prepare(config).spec)
+        labelers = Labelers(Teacher.load(teacher, name=teacher), sky)
+        for shard in sorted(inputs.glob("*.tar")):
+            label_shard(ShardTask(str(shard), shard.stem), labelers, store)
     return root
 
 

@@ -202,3 +202,21 @@ def test_status_audit_and_resume_count_alike(tmp_path):
     p = plan(store, inputs)
     assert (p.todo, p.committed, p.failed, p.total) == (["/in/d.tar", "/in/e.tar"], ["a", "b"], ["c"], 5)
     assert plan(store, inputs, retry_failed=True).todo == ["/in/c.tar", "/in/d.tar", "/in/e.tar"]
+
+
+def test_the_plain_name_fast_path_accepts_only_what_the_full_check_accepts(monkeypatch):
+    """storage.names decides plain ASCII names with one regex: it must never let through a name
+    the character-by-character rule refuses (random names over the characters that matter)."""
+    import random
+    import re
+
+    from storage import names
+
+    rng = random.Random(0)
+    alphabet = "ab9._-/\\é\x00 ~"
+    drawn = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))) for _ in range(50_000)]
+    drawn += [".", "..", "a/..", "../a", "a/./b", "...", "a//b", "/a", "a/", "x" * 256, "a/" + "y" * 256]
+    fast = [n for n in drawn if names._PLAIN.fullmatch(n)]
+    assert len(fast) > 1000
+    monkeypatch.setattr(names, "_PLAIN", re.compile(r"(?!)"))          # the full check alone
+    assert [n for n in fast if names.check_member_name(n) is not None] == []
