@@ -203,3 +203,17 @@ def tiny_models(tmp_path_factory) -> TinyModels:
         sky=str(save_random_segmenter(root / "sky", size="tiny")),
         no_sky=str(save_random_segmenter(root / "no-sky", size="tiny", sky=False)),
     )
+
+
+# The files that take a minute or more, slowest first, run before the rest: pytest-xdist hands
+# whole files (--dist loadfile) to whichever process is free, in collection order, so a slow
+# file left for the end would run there alone while the other process idles.
+SLOW_FIRST = ("test_compare.py", "test_cluster.py", "test_bench.py", "test_convert_evaluate_cli.py",
+              "test_label_cli.py", "test_teacher_output.py", "test_verify.py", "test_repair.py",
+              "test_preemption.py", "test_train_ray.py", "test_teacher_families_ray.py", "test_chaos.py",
+              "test_train_student.py", "test_student_loader.py", "test_keep_depth.py", "test_dry_run.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))   # stable: a file's own order kept
