@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from builders import photo_samples, write_shard
 from scenes import npy, png, render, with_invalid
 
@@ -50,6 +51,7 @@ def setup(tiny_models, tmp_path_factory):
             label_shard(ShardTask(src, f"{kind}-{i}"), labelers[kind], out, batch_size=4, threads=2)
         outs[kind] = str(tmp / kind)
     student = save_random_teacher(tmp / "student", size="tiny", image_size=56, seed=3)
+    torch.manual_seed(0)      # the frozen encoder the same whatever ran before in this process
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              patch_size=14, image_size=56)).save_pretrained(tmp / "frozen")
     return tmp, outs, str(student), str(tmp / "frozen")
