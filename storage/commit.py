@@ -26,7 +26,7 @@ from typing import Callable
 
 from storage import inflight, layout
 from storage.leases import LeaseHeld, LeaseLost, acquire
-from storage.manifest import decode_part
+from storage.manifest import tars_of
 from storage.objectstore import ObjectStore, ObjectWriter
 
 
@@ -84,7 +84,7 @@ def _still_expected(output, manifest: str, replaces: str | None) -> bool:
     if replaces is None:
         return output.info(manifest) is None
     try:
-        shards = set(decode_part(output.get(manifest), columns=["shard"]).column("shard").to_pylist())
+        shards = tars_of(output.get(manifest))
     except FileNotFoundError:
         return False            # requeued meanwhile: a label run relabels the shard whole
     return shards <= {replaces}

@@ -85,6 +85,11 @@ def decode_part(data: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
+def tars_of(data: bytes) -> set[str]:
+    """The tars a part's rows name (its ``shard`` column: one, or none for an empty part)."""
+    return set(decode_part(data, columns=["shard"]).column("shard").to_pylist())
+
+
 def dataset(output: ObjectStore) -> ds.Dataset:
     """The whole manifest of an OUTPUT as one pyarrow dataset (what a trainer reads)."""
     fs, root = output.arrow_filesystem()

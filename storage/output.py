@@ -153,14 +153,13 @@ class Output:
         """The tar key shard ``name``'s manifest part names (one GET of the part); generation 0
         when it has no part."""
         # pyarrow, imported here: the listing-only commands (status) never need it
-        from storage.manifest import decode_part
+        from storage.manifest import tars_of
 
         try:
-            part = self.store.get(layout.manifest_key(name))
+            shards = tars_of(self.store.get(layout.manifest_key(name)))
         except FileNotFoundError:
             return layout.shard_key(name)
-        shards = decode_part(part, columns=["shard"]).column("shard")
-        return self.tar_key(shards[0].as_py()) if len(shards) else layout.shard_key(name)
+        return self.tar_key(min(shards)) if shards else layout.shard_key(name)
 
     @staticmethod
     def name_of(shard: str) -> str:
