@@ -16,7 +16,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .objectstore import ObjectNotFound, StorageError, redact
-from .s3_pages import parse_contents
+from . import s3_pages
 
 MAX_ATTEMPTS = 10  # boto3 (adaptive mode) and pyarrow alike; AWS_MAX_ATTEMPTS overrides it for boto3
 MAX_POOL_CONNECTIONS = 32  # threaded uploads would otherwise churn the default pool of 10
@@ -55,7 +55,7 @@ def client() -> Any:
             s3 = session.client("s3", region_name=region, config=config)
             s3.meta.events.register("before-send.s3", _count_request)
             s3.meta.events.register("before-call.s3", _count_call)
-            s3.meta.events.register("before-parse.s3.ListObjectsV2", parse_contents(parse_timestamp))
+            s3_pages.install(s3, parse_timestamp)
             _clients[key] = s3
         return _clients[key]
 

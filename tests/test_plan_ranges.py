@@ -144,3 +144,34 @@ def test_an_s3_range_stops_paginating_past_its_end(store):
     before = request_counts().get("ListObjectsV2", 0)
     assert [o.key for o in store.list(layout.MANIFEST, stop_after=first)] == [first]
     assert request_counts().get("ListObjectsV2", 0) - before == 1               # not all ~60 pages
+
+
+def test_the_collector_is_paused_for_a_listing_and_back_on_after(tmp_path):
+    """Paused while the listing runs (its objects hold no cycles), on again after, also when the
+    listing fails, and left off if it was off."""
+    import gc
+
+    class Store:
+        url = str(tmp_path)
+
+        def __init__(self, fail: bool):
+            self.fail, self.seen = fail, []
+
+        def list(self, prefix):
+            self.seen.append(gc.isenabled())
+            if self.fail:
+                raise OSError("listing failed")
+            yield from ()
+
+    assert gc.isenabled()
+    ok, bad = Store(False), Store(True)
+    listing.list_expecting(ok, "manifest/", None)
+    with pytest.raises(OSError):
+        listing.list_expecting(bad, "manifest/", None)
+    assert ok.seen == bad.seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        listing.list_expecting(ok, "manifest/", None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
