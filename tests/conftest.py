@@ -160,14 +160,6 @@ def job_s3_bucket(request, monkeypatch) -> str:
     return _backend(request.param, request, monkeypatch).bucket()
 
 
-@pytest.fixture(params=["local", *ONE_S3])
-def job_store_url(request, tmp_path, monkeypatch) -> str:
-    """store_url for the costly tests: a local directory, or a prefix on ONE_S3."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return f"s3://{_backend(request.param, request, monkeypatch).bucket()}/root/"
-
-
 @pytest.fixture
 def local_root(tmp_path) -> str:
     """A store directory that does not exist yet (stores create it on first write)."""

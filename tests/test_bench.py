@@ -13,7 +13,9 @@ TINY = ["--teacher-size", "tiny", "--image-size", "56", "--sky-size", "tiny", "-
         "--sizes", "96x64,64x96,80x80", "--batch-size", "4"]
 
 
-def test_bench_reports_four_figures_and_their_ratios(tmp_path):
+def test_bench_reports_four_figures_and_their_ratios(tmp_path, capsys):
+    from engine.bench import print_report
+
     p = run("bench", *TINY, "--images", "8", "--repeats", "2", "--workdir", str(tmp_path), "--json", check=0)
     r = json.loads(p.stdout)
     figures = {k: r[k] for k in ("end_to_end", "model_only", "ray_data", "naive")}
@@ -39,23 +41,36 @@ def test_bench_reports_four_figures_and_their_ratios(tmp_path):
     with tarfile.open(tmp_path / "naive" / "naive-1.tar") as t:
         assert sum(n.endswith(".disp.png") for n in t.getnames()) == 8
 
-    table = run("bench", *TINY, "--images", "4", "--repeats", "1", "--engine-only",
-                "--workdir", str(tmp_path / "again"), check=0).stdout
-    assert "engine end to end" in table and "start-up" in table and "Ray Data" not in table
+    # The table the command prints without --json, from the same report (no second bench run).
+    print_report(r)
+    table = capsys.readouterr().out
+    assert "engine end to end" in table and "start-up" in table and "Ray Data" in table
     # The same place again would only resume: refused, not timed.
-    again = run("bench", *TINY, "--images", "4", "--repeats", "1", "--engine-only",
-                "--workdir", str(tmp_path / "again"), check=2)
+    again = run("bench", *TINY, "--images", "8", "--repeats", "2", "--workdir", str(tmp_path), check=2)
     assert "already holds a bench run" in again.stderr
 
 
-def test_bench_memory_compares_two_shard_sizes(tmp_path):
-    r = json.loads(run("bench", *TINY, "--images", "5", "--repeats", "1", "--engine-only", "--memory",
+def test_bench_memory_and_hostile_compare_peak_worker_memory(tmp_path, capsys):
+    """One engine-only run with both: shards of N and 10 N images, then N hostile samples beside
+    N photos, each in a fresh worker."""
+    from engine.bench import print_report
+
+    r = json.loads(run("bench", *TINY, "--images", "5", "--repeats", "1", "--engine-only", "--memory", "--hostile",
                        "--workdir", str(tmp_path), "--json", check=0).stdout)
     m = r["memory"]
     assert (m["small"]["images"], m["large"]["images"]) == (5, 50)
     assert m["large_over_small"] == pytest.approx(m["large"]["peak_worker_rss_mb"] / m["small"]["peak_worker_rss_mb"],
                                                   abs=1e-3)
     assert Path(r["workdir"]) == tmp_path
+    h = r["hostile"]
+    assert h["ordinary"]["samples_ok"] == 5 and h["ordinary"]["samples_error"] == 0
+    assert h["hostile"]["samples_ok"] == 0 and h["hostile"]["samples_error"] == 5     # every one refused
+    assert h["hostile_over_ordinary"] == pytest.approx(
+        h["hostile"]["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)
+    print_report(r)
+    table = capsys.readouterr().out
+    assert "engine end to end" in table and "Ray Data" not in table
+    assert "memory: peak worker RSS" in table and "hostile input: peak worker RSS" in table
 
 
 def test_bench_refuses_bad_arguments(tmp_path):
@@ -63,16 +78,6 @@ def test_bench_refuses_bad_arguments(tmp_path):
                          (["--sizes", "big"], "--sizes")):
         p = run("bench", *argv, "--workdir", str(tmp_path), check=2)
         assert needle in p.stderr and "Traceback" not in p.stderr
-
-
-def test_bench_hostile_reports_both_shards_and_their_ratio(tmp_path):
-    p = run("bench", *TINY, "--images", "6", "--repeats", "1", "--engine-only", "--hostile",
-            "--workdir", str(tmp_path), "--json", check=0)
-    h = json.loads(p.stdout)["hostile"]
-    assert h["ordinary"]["samples_ok"] == 6 and h["ordinary"]["samples_error"] == 0
-    assert h["hostile"]["samples_ok"] == 0 and h["hostile"]["samples_error"] == 6     # every one refused
-    assert h["hostile_over_ordinary"] == pytest.approx(
-        h["hostile"]["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)
 
 
 def test_bench_aspects_times_the_teacher_per_ratio(tmp_path):

@@ -54,6 +54,25 @@ def pair(tmp_path_factory, tiny_models):
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_ray():
+    """One local Ray for this file's comparisons, each of which would otherwise start and stop
+    its own (compare attaches to a Ray already up, as to --ray-address)."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def own_ray(one_ray):
+    """No shared Ray: the test's jobs start their own, with the environment the test set."""
+    import ray
+
+    ray.shutdown()
+
+
 def members(output: Path, name: str) -> dict[str, dict[str, bytes]]:
     """Every sample's members of one shard, read with tarfile (not the engine's reader)."""
     out: dict[str, dict[str, bytes]] = {}
@@ -188,20 +207,6 @@ def _upload(s3, bucket: str, local: Path, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}/"
 
 
-def test_on_s3_a_tenth_reads_a_tenth(pair, job_s3_bucket):
-    s3 = boto3.client("s3")
-    a, b = _upload(s3, job_s3_bucket, pair / "A", "A"), _upload(s3, job_s3_bucket, pair / "B", "B")
-    full = compare(CompareConfig(a=a, b=b, progress=False))
-    tenth = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))
-    again = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))
-    assert full["counts"]["compared"] == 60
-    assert 1 <= tenth["counts"]["compared"] <= 15
-    assert [w["key"] for w in tenth["worst"]] == [w["key"] for w in again["worst"]]   # deterministic
-    label_bytes = tenth["bytes"]["labels"] / full["bytes"]["labels"]
-    gets = tenth["s3_requests"]["GetObject"] / full["s3_requests"]["GetObject"]
-    assert 0.03 < label_bytes < 0.25 and gets < 0.3, (label_bytes, gets)
-
-
 def test_an_interrupted_comparison_leaves_no_rows_file(pair, tmp_path, monkeypatch):
     """Ctrl-C (here: raised by the driver after the first shard) stops the actors and leaves
     neither --out nor its temporary file; a rerun writes it whole."""
@@ -260,7 +265,24 @@ def test_a_ground_truth_output_as_the_reference(tmp_path, tiny_models):
             assert got[figure] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, figure)
 
 
-def test_a_plugin_teacher_on_the_fly_equals_the_output_it_labels(pair, tiny_models, tmp_path, monkeypatch):
+# The two tests below change the environment Ray's workers must see (an S3 endpoint, a plugin's
+# path), and a Ray keeps the environment it started with: each starts its own, so they come last.
+
+def test_on_s3_a_tenth_reads_a_tenth(pair, job_s3_bucket, own_ray):
+    s3 = boto3.client("s3")
+    a, b = _upload(s3, job_s3_bucket, pair / "A", "A"), _upload(s3, job_s3_bucket, pair / "B", "B")
+    full = compare(CompareConfig(a=a, b=b, progress=False))
+    tenth = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))
+    again = compare(CompareConfig(a=a, b=b, sample=0.1, progress=False))
+    assert full["counts"]["compared"] == 60
+    assert 1 <= tenth["counts"]["compared"] <= 15
+    assert [w["key"] for w in tenth["worst"]] == [w["key"] for w in again["worst"]]   # deterministic
+    label_bytes = tenth["bytes"]["labels"] / full["bytes"]["labels"]
+    gets = tenth["s3_requests"]["GetObject"] / full["s3_requests"]["GetObject"]
+    assert 0.03 < label_bytes < 0.25 and gets < 0.3, (label_bytes, gets)
+
+
+def test_a_plugin_teacher_on_the_fly_equals_the_output_it_labels(pair, tiny_models, tmp_path, monkeypatch, own_ray):
     """B a teacher plugin (plugin:NAME:ARG): the same figures as the OUTPUT it labeled."""
     import os
     import sys

@@ -77,11 +77,28 @@ def test_convert_gt_then_status_audit_verify_resume_and_refusals(tmp_path, tiny_
 
 
 def test_motorcycle_end_to_end_with_a_tiny_random_teacher(tmp_path, tiny_models, capsys):
+    """convert-gt, a pseudo-label job and evaluate of the three sources, scored against numpy.
+    In process on one local Ray: the commands' own CLI runs are this file's other tests."""
+    import ray
+
+    from engine.config import LabelConfig
+    from engine.evaluate import EvalConfig, evaluate
+    from engine.label import label
+    from labelers.ground_truth import GroundTruthRule
+
     src, left, disparity = motorcycle_shard(tmp_path / "raw")
     gt_out, pseudo_out = str(tmp_path / "gt"), str(tmp_path / "pseudo")
-    run("convert-gt", src, gt_out, "--sky", "none", "--workers", "1", check=0)
-    # A pseudo-label job over the same labeled input carries the ground truth through.
-    run("label", src, pseudo_out, "--teacher", tiny_models.teacher, "--sky", "none", "--workers", "1", check=0)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=2)
+    try:
+        assert label(LabelConfig(input=src, output=gt_out, teacher=None, ground_truth=GroundTruthRule(), sky=None,
+                                 workers=1, progress=False)).exit_code == 0
+        # A pseudo-label job over the same labeled input carries the ground truth through.
+        assert label(LabelConfig(input=src, output=pseudo_out, teacher=tiny_models.teacher, sky=None, workers=1,
+                                 progress=False)).exit_code == 0
+        reports = {name: evaluate(EvalConfig(source=source, teacher=tiny_models.teacher, workers=1, progress=False))
+                   for name, source in (("input", src), ("gt", gt_out), ("pseudo", pseudo_out))}
+    finally:
+        ray.shutdown()
 
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -91,10 +108,7 @@ def test_motorcycle_end_to_end_with_a_tiny_random_teacher(tmp_path, tiny_models,
     valid = np.isfinite(disparity) & (disparity > 0)
     abs_rel, delta1, *_ = reference_metrics(pred, disparity.astype(np.float64), valid)
 
-    reports = {}
-    for name, source in (("input", src), ("gt", gt_out), ("pseudo", pseudo_out)):
-        p = run("evaluate", source, "--teacher", tiny_models.teacher, "--workers", "1", "--json", check=0)
-        r = reports[name] = json.loads(p.stdout)
+    for name, r in reports.items():
         assert r["source_kind"] == name and r["summary"]["scored"] == 1
         (row,) = r["samples"]
         assert row["key"] == "motorcycle" and row["ground_truth"] == "disparity.npy"
@@ -109,7 +123,7 @@ def test_motorcycle_end_to_end_with_a_tiny_random_teacher(tmp_path, tiny_models,
     assert reports["pseudo"]["summary"]["label"]["abs_rel"] == pytest.approx(abs_rel, rel=1e-2)
     assert "pseudo-label of" in reports["pseudo"]["stored_label"]
 
-    # The table the command prints without --json, from the same report (no second Ray start).
+    # The table the command prints without --json, from the same report.
     print_report(reports["gt"])
     table = capsys.readouterr().out
     assert "AbsRel" in table and "stored label" in table and "paper KITTI" in table
