@@ -21,6 +21,8 @@ from urllib.parse import unquote
 _KEEP = ("Name", "Prefix", "KeyCount", "MaxKeys", "IsTruncated", "ContinuationToken",
          "NextContinuationToken", "StartAfter", "Delimiter", "CommonPrefixes")
 _ESCAPED = ("Prefix", "StartAfter", "Delimiter")     # url-encoded with EncodingType=url, as keys are
+_TEXT = ("Key", "ETag", "StorageClass")               # a <Contents> member kept as text; Size and
+                                                      # LastModified are converted, the rest dropped
 _OPERATION = "ListObjectsV2"
 
 
@@ -91,8 +93,6 @@ def parse_contents(parse_timestamp: Callable[[str], Any]):
 
     return hook
 
-
-_TEXT = ("Key", "ETag", "StorageClass")
 
 
 def _decode_keys(contents: list[dict]) -> None:
