@@ -64,13 +64,13 @@ def parse_contents(parse_timestamp: Callable[[str], Any]):
             response_dict["status_code"] = 500
             return
         ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-        cut = len(ns)
         encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
+        fields = {f"{ns}{field}": field for field in (*_TEXT, "LastModified", "Size")}
         contents = []
         for c in root.iterfind(f"{ns}Contents"):
             item: dict[str, Any] = {}
             for e in c:
-                field = e.tag[cut:]
+                field = fields.get(e.tag)
                 if field in _TEXT:
                     item[field] = e.text or ""
                 elif field == "LastModified":
@@ -82,17 +82,17 @@ def parse_contents(parse_timestamp: Callable[[str], Any]):
         if encoded:
             _decode_keys(contents)
         rest = ET.Element(root.tag)
-        rest.extend(child for child in root if child.tag[cut:] in _KEEP)
+        keep, escaped = {f"{ns}{k}" for k in _KEEP}, {f"{ns}{k}" for k in _ESCAPED}
+        rest.extend(child for child in root if child.tag in keep)
         if encoded:       # the page's own escaped fields, decoded as boto3 would have
             for e in rest.iter():
-                if e.tag[cut:] in _ESCAPED and e.text:
+                if e.tag in escaped and e.text:
                     e.text = unquote(e.text)
         if contents:
             customized_response_dict["Contents"] = contents
         response_dict["body"] = ET.tostring(rest)
 
     return hook
-
 
 
 def _decode_keys(contents: list[dict]) -> None:
