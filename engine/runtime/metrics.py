@@ -180,7 +180,7 @@ class JobMetrics:
             self._add(STAGE_SECONDS, seconds, stage=stage)
         for op, n in a.s3_requests.items():
             self._add(S3_REQUESTS, n, operation=op)
-        for op, n in getattr(a, "s3_retries", {}).items():
+        for op, n in a.s3_retries.items():
             self._add(S3_RETRIES, n, operation=op)
         if hasattr(r, "model_seconds"):
             self.model_seconds += r.model_seconds
