@@ -93,3 +93,66 @@ def test_keys_decoded_together_equal_keys_decoded_one_by_one():
         contents = [{"Key": k} for k in page]
         s3_pages._decode_keys(contents)
         assert [c["Key"] for c in contents] == [unquote(k) for k in page]
+
+
+NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+ITEM = ("<Contents><Key>{key}</Key><LastModified>2026-12-01T18:50:00.000Z</LastModified>"
+        "<ETag>&quot;abc&quot;</ETag><Size>{size}</Size><Owner><ID>o</ID></Owner>"
+        "<StorageClass>STANDARD</StorageClass><Type>Normal</Type></Contents>")
+PAGES = {   # every form a server may answer with: keys url-encoded or XML-escaped, namespaced or not
+    "url-encoded": f'<ListBucketResult {NS}><Name>b</Name><Prefix>p%2F</Prefix><EncodingType>url</EncodingType>'
+                   f'<KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>'
+                   + ITEM.format(key="p%2Fa%20b%26c", size=1) + ITEM.format(key="p%2F%C3%A9", size=22)
+                   + "<CommonPrefixes><Prefix>p%2Fdir%2F</Prefix></CommonPrefixes></ListBucketResult>",
+    "not encoded": f'<ListBucketResult {NS}><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount>'
+                   f'<MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>'
+                   f'<NextContinuationToken>t1</NextContinuationToken>'
+                   + ITEM.format(key="p/a &amp; b&lt;c", size=3) + ITEM.format(key="p/100%", size=4)
+                   + "</ListBucketResult>",
+    "no namespace": "<ListBucketResult><Name>b</Name><Prefix>p/</Prefix><KeyCount>1</KeyCount>"
+                    "<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>"
+                    + ITEM.format(key="p/x", size=5) + "</ListBucketResult>",
+    "empty": f'<ListBucketResult {NS}><Name>b</Name><Prefix>q/</Prefix><KeyCount>0</KeyCount>'
+             f'<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>',
+}
+
+
+@pytest.mark.parametrize("form", sorted(PAGES))
+def test_every_page_form_reads_as_botocore_reads_it(form, monkeypatch):
+    """The same reply through the engine's client and through a plain boto3 client (botocore's
+    own parse and key decoding, the independent reference): the same paging fields, and the
+    same Key, Size, ETag, StorageClass and instant of each object (Owner and Type are dropped)."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    import storage.s3_client as s3_client
+
+    body = ('<?xml version="1.0" encoding="UTF-8"?>' + PAGES[form]).encode()
+
+    class Raw:
+        def stream(self, *_, **__):
+            yield body
+
+    def reply(**_):
+        return AWSResponse("http://127.0.0.1:9/b", 200, {"content-type": "application/xml"}, Raw())
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")     # never reached: the reply is canned
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    plain = boto3.session.Session().client("s3")
+    mine = s3_client.client()
+    got = {}
+    for name, c in (("plain", plain), ("mine", mine)):
+        c.meta.events.register_first("before-send.s3.ListObjectsV2", reply)
+        try:
+            r = c.list_objects_v2(Bucket="b", Prefix="p/")
+        finally:
+            c.meta.events.unregister("before-send.s3.ListObjectsV2", reply)
+        r.pop("ResponseMetadata")
+        r.pop("EncodingType", None)      # the hook's page says none: its keys come decoded already
+        r["Contents"] = [(o["Key"], o["Size"], o["ETag"], o["StorageClass"], o["LastModified"].timestamp())
+                         for o in r.get("Contents", [])]     # the members the hook promises
+        got[name] = r
+    assert got["mine"] == got["plain"]
+    assert len(got["mine"]["Contents"]) == PAGES[form].count("<Contents>")
