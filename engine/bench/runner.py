@@ -13,7 +13,7 @@ which are reported apart. ``--memory``: one worker's peak RSS for a shard of N i
 of 10 N, each in a fresh worker. ``--hostile``: one worker's peak RSS for a shard of N hostile
 samples (lying JPEG headers, 1 GiB sparse members, 10x10000 images) beside N ordinary photos.
 ``--plan N`` / ``--audit N``: see engine.bench.scale. ``--compare N``: see engine.bench.compare. ``--chaos N``: see engine.bench.chaos. ``--teachers``: see engine.bench.teachers.
-``--train``: see engine.bench.train.
+``--train``: see engine.bench.train. ``--stand-in-rate R``: see engine.bench.cpu_side.
 """
 from __future__ import annotations
 
@@ -57,10 +57,16 @@ class BenchConfig:
     repeats: int = 3
     baselines: bool = True                # model-only, Ray Data and naive figures beside the engine's
     flops: bool = False                   # only the models' FLOPs per image
+    stand_in_rate: float = 0.0            # only the CPU side, model step on a stand-in accelerator (images/s)
+    threads: int = 4                      # codec threads of the --stand-in-rate flow
 
     def __post_init__(self):
         if self.images < 1:
             raise ConfigError(f"--images must be >= 1, got {self.images}")
+        if self.stand_in_rate < 0:
+            raise ConfigError(f"--stand-in-rate must be > 0 images/s, got {self.stand_in_rate}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
 
@@ -119,6 +125,13 @@ def machine() -> dict:
 
 def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="depth-engine-bench-"))
+    if cfg.stand_in_rate:
+        from engine.bench.cpu_side import PHOTO_SIZES, cpu_side_figures
+
+        sizes = PHOTO_SIZES if cfg.sizes == list(DEFAULT_SIZES) else {f"{w}x{h}": (h, w) for h, w in cfg.sizes}
+        return {"machine": machine(), "cpu_side": cpu_side_figures(
+            root / "cpu-side", rate=cfg.stand_in_rate, sizes=sizes, images=cfg.images, threads=cfg.threads,
+            batch_size=cfg.batch_size, repeats=cfg.repeats)}
     if cfg.audit:
         return {"machine": machine(), "audit": audit_figures(cfg.output or str(root / "audit-output"), cfg.audit)}
     if cfg.compare:
@@ -307,6 +320,11 @@ def _hostile(cfg: BenchConfig, root: Path, teacher: str, sky: str | None) -> dic
 
 def print_report(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    if "cpu_side" in r:
+        from engine.bench.cpu_side import print_cpu_side
+
+        print_cpu_side(r["cpu_side"])
+        return
     if "train" in r:
         from engine.bench.train import print_train
 

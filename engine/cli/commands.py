@@ -232,15 +232,18 @@ def _aspects(text: str | None) -> list[float]:
 
 def _bench(args) -> int:
     from engine.bench import BenchConfig, parse_sizes, print_report, run_bench
+    from engine.bench.cpu_side import STAND_IN_IMAGES
     from engine.bench.teachers import TEACHER_IMAGES
 
-    images = args.images if args.images is not None else TEACHER_IMAGES if args.teachers else BenchConfig.images
+    images = (args.images if args.images is not None else TEACHER_IMAGES if args.teachers
+              else STAND_IN_IMAGES if args.stand_in_rate else BenchConfig.images)
     cfg = BenchConfig(
         teacher=args.teacher, sky=args.sky, teacher_size=args.teacher_size, sky_size=args.sky_size,
         image_size=args.image_size, sky_image_size=args.sky_image_size, images=images, memory=args.memory, hostile=args.hostile, aspects=_aspects(args.aspects), teachers=args.teachers,
         train=args.train, batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
         workdir=args.workdir, plan=args.plan, audit=args.audit, compare=args.compare, chaos=args.chaos, repair=args.repair, output=args.output,
-        repeats=args.repeats, baselines=not args.engine_only, flops=args.flops, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
+        repeats=args.repeats, baselines=not args.engine_only, flops=args.flops,
+        stand_in_rate=args.stand_in_rate, threads=args.threads, **({"sizes": parse_sizes(args.sizes)} if args.sizes else {}))
     report = run_bench(cfg)
     print_json(report) if args.json else print_report(report)
     return 0

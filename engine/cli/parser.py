@@ -184,6 +184,10 @@ def build_parser() -> Parser:
     b.add_argument("--engine-only", action="store_true", help="skip the model-only, Ray Data and naive figures")
     b.add_argument("--flops", action="store_true",
                    help="only count the models' FLOPs per image (one image of the first --sizes) and exit")
+    b.add_argument("--stand-in-rate", type=float, default=0.0, metavar="R",
+                   help="only the CPU side at photo sizes (0.3, 1, 3.4, 12 MP; or --sizes), the model step on a "
+                        "stand-in accelerator of R images/s with realistic maps, and exit (e.g. 300)")
+    b.add_argument("--threads", type=int, default=4, metavar="N", help="codec threads of the --stand-in-rate flow")
     b.add_argument("--json", action="store_true")
 
     au = sub.add_parser("audit", help="manifest statistics and suspect samples/shards of OUTPUT")
