@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError
 from labelers.normalize import TEACHER_OUTPUTS
+from storage.label_format import parse_label_size
 
 if TYPE_CHECKING:  # decoding's and ground truth's modules (PIL) load when a job is built, not with the CLI
     from labelers.ground_truth import GroundTruthRule
@@ -48,6 +49,7 @@ class LabelConfig:
     teacher: str | None = DEFAULT_TEACHER  # None with ground_truth: `convert-gt`
     teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
     keep_depth: bool = False               # also keep a depth teacher's metres (depth.png)
+    label_size: str | int = "image"        # "image" | "teacher" | N (storage.label_format.label_size)
     sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
     ground_truth: GroundTruthRule | None = None   # labels from the samples' own ground truth
     batch_size: int = 8
@@ -74,6 +76,12 @@ class LabelConfig:
         if (self.teacher is None) == (self.ground_truth is None):
             raise ConfigError("a job labels with a teacher or converts ground truth, exactly one of them")
         check_teacher_output(self)
+        try:
+            object.__setattr__(self, "label_size", parse_label_size(self.label_size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.label_size != "image" and self.teacher is None:
+            raise ConfigError("--label-size: a ground-truth conversion keeps its labels at the image's size")
         if self.keep_depth and self.teacher is None:
             raise ConfigError("--keep-depth keeps a teacher's depth; ground truth carries its own member")
         check_resources(self)

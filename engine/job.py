@@ -44,6 +44,8 @@ class JobSpec:
             **({"teacher_output": teacher_output or DISPARITY} if teacher else {}),
             # whether samples carry the teacher's metres as depth.png (--keep-depth)
             **({"keep_depth": config.keep_depth} if teacher else {}),
+            # the labels' size (storage.label_format.label_size); absent: the image's, as before it existed
+            "label_size": config.label_size,
             "sky": sky.provenance() if sky else None,
             "teacher_input": teacher_input,
             **({"ground_truth": {"scale": gt.scale, "max_depth": gt.max_depth}} if gt else {}),
@@ -58,6 +60,7 @@ class JobSpec:
         return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
                 "teacher_output": teacher_output(self.label),
                 "keep_depth": bool(self.label.get("keep_depth", False)),   # absent: from before it existed
+                "label_size": label_size_of(self.label),
                 "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"],
                 "ground_truth": self.label.get("ground_truth")}
 
@@ -74,6 +77,11 @@ def teacher_output(label: dict) -> str | None:
     if not label.get("teacher"):
         return None
     return label.get("teacher_output", DISPARITY)
+
+
+def label_size_of(label: dict) -> str | int:
+    """job.json's label size rule; absent (an OUTPUT from before it existed): the image's."""
+    return label.get("label_size", "image")
 
 
 def source_kind(doc: dict) -> str:

@@ -180,6 +180,7 @@ def worker_spec(config: LabelConfig, output_url: str, teacher, sky, kind: str | 
     """What each label actor loads and how it labels (its dry run's calibration actor too)."""
     return WorkerSpec(output=output_url, teacher=config.teacher, teacher_sha256=teacher.sha256 if teacher else None,
                       teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
+                      label_size=config.label_size,
                       ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
                       dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
                       limits=config.limits)

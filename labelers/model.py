@@ -55,9 +55,11 @@ class InferenceModel:
         """The (height, width) the model sees for an image of this size."""
         return self.preprocess.target_size(height, width)
 
-    def run(self, images: Sequence[np.ndarray], read: Callable[[Any, list], Iterable[T]]) -> list[T]:
-        """One result per image, in order: ``read(outputs, batch)`` gives the results of one
-        forward pass, one per image of ``batch`` (the images it ran on).
+    def run(self, images: Sequence[np.ndarray], read: Callable[[Any, list, list], Iterable[T]],
+            sizes: Sequence[tuple[int, int]] | None = None) -> list[T]:
+        """One result per image, in order: ``read(outputs, batch, sizes)`` gives the results of one
+        forward pass, one per image of ``batch`` (the images it ran on), each at its ``sizes``
+        entry (height, width: the label's size; the image's own when ``sizes`` is None).
 
         Images that share a target size run in one forward pass; nothing is padded to a batch
         size, so an image's result does not depend on its batch-mates beyond float noise. The
@@ -68,6 +70,8 @@ class InferenceModel:
             for members, pixels in self.preprocess.batches(images, self.device):
                 with autocast(self.device, self.dtype):
                     outputs = self.model(pixel_values=pixels)
-                for i, result in zip(members, read(outputs, [images[i] for i in members]), strict=True):
+                batch = [images[i] for i in members]
+                out = [tuple(sizes[i]) if sizes else tuple(images[i].shape[:2]) for i in members]
+                for i, result in zip(members, read(outputs, batch, out), strict=True):
                     results[i] = result
         return results

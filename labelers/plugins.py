@@ -156,11 +156,28 @@ class PluginTeacher:
         h, w = self.impl.target_size(height, width)
         return int(h), int(w)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Prediction]:
+        """The plugin's maps, checked at the image's size, then resized to ``sizes`` (the labels')."""
         out = list(self.impl.predict(list(images)))
         if len(out) != len(images):
             raise ValueError(f"teacher {self.name} returned {len(out)} results for {len(images)} images")
-        return [checked(p, int(im.shape[0]), int(im.shape[1]), self.name) for p, im in zip(out, images)]
+        out = [checked(p, int(im.shape[0]), int(im.shape[1]), self.name) for p, im in zip(out, images)]
+        return out if sizes is None else [resized(p, size) for p, size in zip(out, sizes)]
+
+
+def resized(prediction: Prediction, size: tuple[int, int]) -> Prediction:
+    """A Prediction at the image's size taken to the label's (bilinear, antialiased)."""
+    import torch
+
+    from labelers.teacher import label_resize
+
+    if prediction.raw.shape == tuple(size):
+        return prediction
+
+    def resize(a):
+        return None if a is None else label_resize(torch.from_numpy(a)[None, None], size, "bilinear")[0, 0].numpy()
+
+    return Prediction(resize(prediction.raw), resize(prediction.confidence), prediction.fov_deg)
 
 
 def load(source: str, *, device: str = "cpu", dtype: str = "auto", sha256: str | None = None) -> PluginTeacher:

@@ -109,11 +109,10 @@ class SkySegmenter(InferenceModel):
         preprocess = ImagePreprocess.from_processor(loaded.processor)
         return cls(label, preprocess, loaded.device, loaded.dtype, loaded.model, sky_ids=sky_ids)
 
-    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """bool HxW per uint8 HxWx3 RGB image, True = sky."""
-        return self.run(images, self._fold)
+    def masks(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+        """bool HxW per uint8 HxWx3 RGB image, True = sky; at ``sizes`` (the labels') if given."""
+        return self.run(images, self._fold, sizes)
 
-    def _fold(self, outputs, batch: list) -> list[np.ndarray]:
+    def _fold(self, outputs, batch: list, sizes: list) -> list[np.ndarray]:
         logits = outputs.logits.float()
-        return [sky_from_logits(logits[row], self.sky_ids, image.shape[:2]).cpu().numpy()
-                for row, image in enumerate(batch)]
+        return [sky_from_logits(logits[row], self.sky_ids, size).cpu().numpy() for row, size in enumerate(sizes)]

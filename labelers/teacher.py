@@ -38,6 +38,13 @@ def depth_pro_inverse_depth(
     return full.clamp(*INVERSE_DEPTH_RANGE)
 
 
+def label_resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """A float NCHW map resized to ``size`` in ``mode``, antialiased where a side shrinks (a map
+    shrunk without it keeps every k-th pixel's value and aliases fine structure)."""
+    shrinks = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False, antialias=shrinks)
+
+
 @dataclass(frozen=True, slots=True)
 class TeacherPreprocess(ImagePreprocess):
     """The teacher's processor settings and its family (config.model_type): Depth Anything
@@ -52,19 +59,33 @@ class TeacherPreprocess(ImagePreprocess):
         return dataclasses.replace(spec, family=family)
 
     def restore(
-        self, depth: torch.Tensor, height: int, width: int, fov_deg: torch.Tensor | None = None
+        self, depth: torch.Tensor, height: int, width: int, fov_deg: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One output map (h x w) back at the image's size, as the family's post-processing does:
         ZoeDepth resizes to the padded image and cuts the padding off; Depth Pro scales by its
-        field of view (``fov_deg``, degrees, float32), resizes and clamps; the others just resize."""
+        field of view (``fov_deg``, degrees, float32), resizes and clamps; the others just resize.
+
+        ``size``: the label's size (storage.label_format.label_size) instead of the image's. One
+        resize straight to it (antialiased where it shrinks the map), the family's mode: Depth
+        Pro's metric inverse depth does not depend on the width it is resized to (W / focal is
+        2 tan(fov / 2)), so it is made on the model's own grid and resized once. ZoeDepth's padding
+        is cut at the image's size, then resized."""
+        size = (height, width) if size is None else tuple(size)
         if self.family == "depth_pro":
-            return depth_pro_inverse_depth(depth, height, width, fov_deg, self.resample)
+            if size == (height, width):
+                return depth_pro_inverse_depth(depth, height, width, fov_deg, self.resample)
+            own = depth_pro_inverse_depth(depth, *depth.shape[-2:], fov_deg, self.resample)   # 1/m, its own grid
+            mode = self.resample if self.resample in ("bilinear", "bicubic") else "bilinear"
+            return label_resize(own[None, None], size, mode)[0, 0].clamp(*INVERSE_DEPTH_RANGE)
         pad_h, pad_w = self.padding(height, width)
-        full = F.interpolate(
-            depth[None, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode=UPSAMPLE[self.family],
-            align_corners=False,
-        )
-        return full[0, 0, pad_h : pad_h + height, pad_w : pad_w + width]
+        if pad_h or pad_w or size == (height, width):
+            full = F.interpolate(
+                depth[None, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode=UPSAMPLE[self.family],
+                align_corners=False,
+            )[:, :, pad_h : pad_h + height, pad_w : pad_w + width]
+            return full[0, 0] if size == (height, width) else label_resize(full, size, UPSAMPLE[self.family])[0, 0]
+        return label_resize(depth[None, None], size, UPSAMPLE[self.family])[0, 0]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -91,21 +112,21 @@ class Teacher(InferenceModel):
         preprocess = TeacherPreprocess.from_processor(loaded.processor, family=loaded.model.config.model_type)
         return cls(name or str(source), preprocess, loaded.device, loaded.dtype, loaded.model, output=output)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """The model's own output (raw float32 HxW, each image's own size; ``output`` says which
-        kind) for uint8 HxWx3 RGB images, with the field of view where the model predicts one
-        (Depth Pro with its fov model). Batches as InferenceModel.run: ZoeDepth's reflect padding
-        is the image's own, nothing else is padded."""
-        return self.run(images, self._restore)
+    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Prediction]:
+        """The model's own output (raw float32 HxW, each image's own size, or its ``sizes`` entry:
+        the label's; ``output`` says which kind) for uint8 HxWx3 RGB images, with the field of
+        view where the model predicts one (Depth Pro with its fov model). Batches as
+        InferenceModel.run: ZoeDepth's reflect padding is the image's own, nothing else is padded."""
+        return self.run(images, self._restore, sizes)
 
-    def _restore(self, outputs, batch: list) -> Iterator[Prediction]:
+    def _restore(self, outputs, batch: list, sizes: list) -> Iterator[Prediction]:
         depth = outputs.predicted_depth.float()
         fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
         fov = None if fov is None else fov.float()  # the focal length in float32, not half
-        for row, image in enumerate(batch):
+        for row, (image, size) in enumerate(zip(batch, sizes)):
             height, width = image.shape[:2]
             fov_deg = None if fov is None else fov[row]
-            full = self.preprocess.restore(depth[row], height, width, fov_deg)
+            full = self.preprocess.restore(depth[row], height, width, fov_deg, size)
             yield Prediction(
                 full.cpu().numpy().astype(np.float32, copy=False),
                 fov_deg=None if fov_deg is None else float(fov_deg),

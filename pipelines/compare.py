@@ -28,6 +28,7 @@ from pipelines.compare_figures import compare_labels, sampled
 from pipelines.compare_summary import CompareSummary as CompareSummary
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import SampleLimits
+from pipelines.label_grid import common_grid
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
 from storage import layout
@@ -143,7 +144,9 @@ def _stored_label(row: dict, read: _Reader) -> _Label:
 
 def _row(name: str, a: dict, b: dict | None, la: _Label, lb: _Label) -> dict:
     try:
-        figures = compare_labels(la.disparity, lb.disparity, la.sky, lb.sky, la.valid, lb.valid)
+        da, db, (sky_a, valid_a), (sky_b, valid_b) = common_grid(la.disparity, lb.disparity, (la.sky, la.valid),
+                                                                 (lb.sky, lb.valid))
+        figures = compare_labels(da, db, sky_a, sky_b, valid_a, valid_b)
     except ValueError as e:
         raise ValueError(f"{name}: sample {a['key']!r}: {e}") from None
     return {"shard": name, "key": a["key"], "source_a": a["source"], "source_b": b["source"] if b else TEACHER,

@@ -146,6 +146,7 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
              else normalize_output(sample.raw, kind, sample.sky, sample.valid))
     output_range = {"output_min": _finite(label.output_lo), "output_max": _finite(label.output_hi)}
     height, width = sample.height, sample.width
+    label_height, label_width = label.disparity.shape
     sky_fraction = None if sample.sky is None else float(sample.sky.mean())
     valid = label_mask(sample)
     valid_fraction = None if valid is None else float(valid.mean())
@@ -156,6 +157,7 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     confidence_mean = conf_mean(sample.confidence, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
+        "label_width": label_width, "label_height": label_height,
         **models, "raw_min": _finite(label.lo), "raw_max": _finite(label.hi), **output_range,
         **({} if sample.fov_deg is None else {"intrinsics": _intrinsics(sample.fov_deg, width)}),
         **({} if confidence_mean is None else {"conf_mean": confidence_mean}),
@@ -185,7 +187,8 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     sample.timings["encode"] = time.perf_counter() - t0
     row = {
         "key": sample.key, "source": sample.source, "status": "ok", "error": None,
-        "width": width, "height": height, "sky_fraction": sky_fraction,
+        "width": width, "height": height, "label_width": label_width, "label_height": label_height,
+        "sky_fraction": sky_fraction,
         "disp_min": _finite(label.lo), "disp_max": _finite(label.hi), **output_range, **models,
         "valid_fraction": valid_fraction, "conf_mean": confidence_mean, "degenerate": label.degenerate, "disp_p05": p05, "disp_p50": p50, "disp_p95": p95,
         "decode_s": sample.timings.get("decode"), "sky_s": sample.timings.get("sky"),

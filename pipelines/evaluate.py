@@ -25,6 +25,7 @@ from labelers.ground_truth import (
 from labelers.normalize import DISPARITY, to_disparity
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import decode, sample_from_members
+from pipelines.label_grid import check_downscale, resize_disparity
 from pipelines.metrics import SampleMetrics, evaluate_disparity, mean_metrics
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
@@ -66,8 +67,9 @@ def _load(members: dict, source: str, rule: GroundTruthRule) -> _Item:
             s.fail(f"ground truth {item.gt.member} has no valid pixel")
         elif item.gt is not None and DISP_MEMBER in s.extras:
             item.stored = read_disparity_png(s.extras[DISP_MEMBER], np.float64)
-            if item.stored.shape != item.gt.valid.shape:
-                s.fail(f"stored disp.png is {item.stored.shape}, the image is {item.gt.valid.shape}")
+            # a label smaller than its image (label --label-size) is scored laid over the ground truth's grid
+            check_downscale(item.stored.shape, item.gt.valid.shape, "stored disp.png")
+            item.stored = resize_disparity(item.stored, item.gt.valid.shape)
     except GroundTruthError as e:
         s.fail(str(e))
     except (OSError, ValueError) as e:

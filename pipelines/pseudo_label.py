@@ -35,6 +35,7 @@ from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
 from storage.commit import ClaimPolicy
+from storage.label_format import label_size, parse_label_size
 from storage.objectstore import ObjectStore
 from storage.shards import iter_tar_samples
 from storage.sink import ShardSink
@@ -53,12 +54,22 @@ class Labelers:
     sky: SkySegmenter | None = None
     ground_truth: GroundTruthRule | None = None
     keep_depth: bool = False
+    label_size: str | int = "image"   # storage.label_format.label_size's rule (job.json pins it)
 
     def __post_init__(self):
         if (self.teacher is None) == (self.ground_truth is None):
             raise ValueError("label with a teacher or with ground truth, exactly one of them")
         if self.keep_depth and getattr(self.teacher, "output", None) not in METRIC_OUTPUTS:
             raise ValueError("keep_depth needs a teacher that outputs metric depth")
+        if self.ground_truth is not None and self.label_size != "image":
+            raise ValueError("a ground-truth conversion keeps labels at the image's size (--label-size image)")
+        parse_label_size(self.label_size)
+
+    def label_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The size of the labels of a height x width image under ``label_size``."""
+        if self.label_size == "image":
+            return height, width
+        return label_size(self.label_size, height, width, min(self.teacher.target_size(height, width)))
 
     @property
     def source_kind(self) -> str:
@@ -112,9 +123,11 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     images = [s.image for s in batch]
     if labelers.device is not None:
         images = upload(images, labelers.device)
-    masks = labelers.sky.masks(images) if labelers.sky else [None] * len(batch)
+    shapes = [labelers.label_shape(s.height, s.width) for s in batch]
+    sizes = {} if all(shape == (s.height, s.width) for shape, s in zip(shapes, batch)) else {"sizes": shapes}
+    masks = labelers.sky.masks(images, **sizes) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
-    predictions = labelers.teacher.predict(images) if labelers.teacher else [None] * len(batch)
+    predictions = labelers.teacher.predict(images, **sizes) if labelers.teacher else [None] * len(batch)
     t2 = time.perf_counter()
     for s, mask, prediction in zip(batch, masks, predictions):
         s.sky, s.image = mask, None   # the pixels are no longer needed

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines.concurrency import prefetch_map
 from storage import layout
-from storage.label_format import IMAGE_SIZED
+from storage.label_format import LABEL_SIZED, is_label_shape, label_row_shape
 from storage.manifest import decode_part
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.output import Output
@@ -28,7 +28,7 @@ from storage.stores import open_store
 DEFAULT_WORKERS = 8
 CHUNK = 1024 * 1024  # read size inside a member, and tarfile's stream buffer
 BLOCK = tarfile.BLOCKSIZE
-PNG_SUFFIXES = tuple(f".{member}" for member in IMAGE_SIZED)  # the engine's label PNGs
+PNG_SUFFIXES = tuple(f".{member}" for member in LABEL_SIZED)  # the engine's label PNGs
 _PNG_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -108,7 +108,7 @@ def check_shard(store: ObjectStore, name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Expected:
-    """One member as the manifest records it, with its row's image size for the PNG check."""
+    """One member as the manifest records it, with its row's label size for the PNG check."""
 
     offset: int
     size: int
@@ -131,7 +131,8 @@ def expected_members(name: str, rows: list[dict]) -> tuple[dict[str, Expected], 
         for m in row.get("members") or []:
             if m["name"] in expected:
                 problems.append(f"member {m['name']} recorded twice")
-            expected[m["name"]] = Expected(m["offset"], m["size"], m["sha256"], row.get("width"), row.get("height"))
+            label_h, label_w = label_row_shape(row) if row.get("height") is not None else (None, None)
+            expected[m["name"]] = Expected(m["offset"], m["size"], m["sha256"], label_w, label_h)
     return expected, problems
 
 
@@ -148,6 +149,11 @@ def _row_problems(name: str, row: dict) -> list[str]:
         problems.append(f"row {key} has status {status!r}")
     problems += [f"member {m['name']} recorded under key {key}"
                  for m in members if not m["name"].startswith(f"{key}.")]
+    if status == "ok" and row.get("height") is not None and row.get("width") is not None:
+        label = label_row_shape(row)
+        if not is_label_shape(label, (row["height"], row["width"])):
+            problems.append(f"row {key}: label size {label[1]}x{label[0]} is not a downscale of its image's "
+                            f"{row['width']}x{row['height']}")
     return problems
 
 

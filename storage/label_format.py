@@ -24,8 +24,9 @@ JSON_MEMBER = "json"         # the sample's metadata
 # The engine's own members: an input member of one of these names is replaced, never carried.
 # depth.png is not one: an input's ground truth is carried unless --keep-depth writes the teacher's.
 RESERVED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER, JSON_MEMBER)
-# The label PNGs the engine writes at the image's size (after EXIF orientation).
-IMAGE_SIZED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER)
+# The label PNGs, all at the sample's label size (manifest label_width x label_height): the image's
+# own (after EXIF orientation) unless job.json's label.label_size says otherwise (label_size()).
+LABEL_SIZED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER)
 # Extensions of the image member, compared lowercase.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 
@@ -34,6 +35,68 @@ def image_member(members: Iterable[str]) -> str | None:
     """The image member of a sample (a sample dict or its member names, in tar order): the
     first whose extension is an image's; None when there is none."""
     return next((e for e in members if e.lower() in IMAGE_EXTENSIONS), None)
+
+
+# -- the label's size ------------------------------------------------------------------------------
+
+LABEL_SIZES = ("image", "teacher")   # or a positive int N: the long side capped at N
+
+
+def parse_label_size(value) -> str | int:
+    """``--label-size image|teacher|N`` as job.json keeps it: "image", "teacher" or an int N >= 1."""
+    text = str(value).strip().lower()
+    if text in LABEL_SIZES:
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--label-size must be image, teacher or a positive long side in pixels, got {value!r}")
+    return n
+
+
+def label_size(rule: str | int, height: int, width: int, teacher_short: int | None = None) -> tuple[int, int]:
+    """(height, width) of the labels of a height x width image: the image's own ("image"); the
+    image's aspect with the short side at ``teacher_short``, the short side of what the teacher
+    sees ("teacher": 518 for Depth Anything, 1536 for Depth Pro's square); or the long side capped
+    at N. Never larger than the image: a label is a downscale of the image's grid or the grid
+    itself, so pixel (y, x) of a label covers image rows y*H/h .. (y+1)*H/h, and the same columns."""
+    if rule == "image":
+        return height, width
+    if rule == "teacher":
+        if not teacher_short:
+            raise ValueError("--label-size teacher needs a teacher (a ground-truth conversion keeps the image's size)")
+        scale = teacher_short / min(height, width)
+    elif isinstance(rule, int) and rule >= 1:
+        scale = rule / max(height, width)
+    else:
+        raise ValueError(f"label size must be image, teacher or a positive int, got {rule!r}")
+    if scale >= 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def is_label_shape(label: tuple[int, int], image: tuple[int, int]) -> bool:
+    """Whether a (height, width) label can be a label of a (height, width) image: the image's own
+    size, or a downscale of it by one scale s with each side round(side * s) (label_size's rule,
+    whatever the rule's length). A label of another aspect, or larger, would be stretched or cut
+    by a reader that lays it over the image."""
+    (h, w), (big_h, big_w) = label, image
+    if (h, w) == (big_h, big_w):
+        return True
+    if not (1 <= h <= big_h and 1 <= w <= big_w):
+        return False
+    low = max((h - 0.5) / big_h, (w - 0.5) / big_w)
+    high = min((h + 0.5) / big_h, (w + 0.5) / big_w)
+    return low <= high + 1e-12 or min(h, w) == 1
+
+
+def label_row_shape(row: dict) -> tuple[int, int]:
+    """A manifest row's label size (height, width); a row from before label_width existed has its
+    labels at the image's size."""
+    height, width = row.get("label_height"), row.get("label_width")
+    return (row["height"], row["width"]) if height is None or width is None else (height, width)
 
 
 # -- the codecs ------------------------------------------------------------------------------------

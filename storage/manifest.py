@@ -64,6 +64,8 @@ SCHEMA = pa.schema(
         ("output_max", pa.float32()),    # depth, 1/m for inverse depth) over the normalized pixels; null for gt
         ("conf_mean", pa.float32()),     # the teacher's mean confidence (0..1) over non-sky pixels;
                                          # null when it gives none (conf.png)
+        ("label_width", pa.int32()),     # the label members' size (job.json's label_size); null in
+        ("label_height", pa.int32()),    # parts from before it existed: the image's, width x height
     ],
     metadata={b"depth_engine.manifest_version": MANIFEST_VERSION.encode()},
 )

@@ -144,18 +144,28 @@ def test_cuts_inside_and_between_members_and_a_missing_tar(tmp_path, inputs, lab
 
 
 def test_rows_that_disagree_with_their_pngs(tmp_path, inputs, labelers):
-    """The PNGs decode to the row's size; error rows have no members; ok rows have some."""
+    """The PNGs decode to the row's label size; a label size that is not a downscale of the row's
+    image is a problem of its own; error rows have no members; ok rows have some."""
     store = build(str(tmp_path / "out"), inputs, labelers)
     part = rows(store, NAMES[1])
     ok = next(r for r in part if r["status"] == "ok")
+    elsewhere = rows(store, NAMES[2])
+    other = next(r for r in elsewhere if r["status"] == "ok")
     error = next(r for r in part if r["status"] == "error")
+    assert (ok["label_width"], ok["label_height"]) == (ok["width"], ok["height"])
     ok["width"] += 1
+    ok["label_width"] += 1
+    other["width"] *= 2                   # the image twice as wide, its labels as they were
     error["members"] = ok["members"]
     store.put(layout.manifest_key(NAMES[1]), encode_part(part))
-    problems = verify(store).bad[0].problems
+    store.put(layout.manifest_key(NAMES[2]), encode_part(elsewhere))
+    bad = {b.shard: b.problems for b in verify(store).bad}
+    problems = bad[NAMES[1]]
     w, h = ok["width"], ok["height"]
     assert f"member {ok['key']}.disp.png is {w - 1}x{h}, the row says {w}x{h}" in problems
     assert f"member {ok['key']}.sky.png is {w - 1}x{h}, the row says {w}x{h}" in problems
+    assert (f"row {other['key']}: label size {other['width'] // 2}x{other['height']} is not a downscale of its "
+            f"image's {other['width']}x{other['height']}") in bad[NAMES[2]]
     assert f"error row {error['key']} has members (an error sample is not in the tar)" in problems
 
 

@@ -4,7 +4,7 @@ and returns maps with a real scene's statistics.
 
 Per photo size (0.3, 1, 3.4 and 12 MP by default), on a shard of JPEG photos of that size:
 
-- one plain PIL decode of the same JPEG (``Image.open(...).convert("RGB")``): the unit of cost;
+- one plain PIL decode of the same JPEG into numpy (``np.asarray(Image.open(...))``): the unit of cost;
 - each stage alone, one thread, CPU time per image: decode, the host's share of the model step
   (the device-to-host copy of the maps), normalization, percentiles, disp.png, sky.png, and
   the whole of ``encode``;
@@ -88,14 +88,15 @@ class Variant:
     """One way of running the flow, measured beside the others."""
 
     name: str
-    options: dict = field(default_factory=dict)   # label_shard keyword arguments
+    options: dict = field(default_factory=dict)   # Labelers fields (label_size)
 
 
-BEFORE = Variant("image-size labels (before)")
+BEFORE = Variant("labels at image size", {"label_size": "image"})
+TEACHER_SIZE = Variant("labels at teacher size", {"label_size": "teacher"})
 
 
 def variants() -> list[Variant]:
-    return [BEFORE]
+    return [BEFORE, TEACHER_SIZE]
 
 
 def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None = None, images: int = 8,
@@ -124,7 +125,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
         jpegs = [m["jpg"] for m in members]
         fig = {"height": height, "width": width, "megapixels": round(height * width / 1e6, 2),
                "jpeg_bytes_per_pixel": round(statistics.mean(len(j) for j in jpegs) / (height * width), 3)}
-        plain = _cpu_ms(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")), jpegs, repeats)
+        plain = _cpu_ms(lambda b: np.asarray(Image.open(io.BytesIO(b))), jpegs, repeats)
         fig["plain_decode_ms"] = round(plain, 3)
 
         samples = [decode(sample_from_members(m, str(shard))) for m in members]
@@ -153,11 +154,11 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
             runs = []
             for r in range(repeats + 1):   # the first is the warm-up
                 teacher = StandInTeacher(rate=rate)
-                labelers = Labelers(teacher, StandInSky())
-                store = open_store(str(root / "out" / slug / variant.name.split()[0] / f"run-{r}"))
+                labelers = Labelers(teacher, StandInSky(), label_size=variant.options.get("label_size", "image"))
+                store = open_store(str(root / "out" / slug / variant.options["label_size"] / f"run-{r}"))
                 c0, t0 = _cpu(), time.perf_counter()
                 result = label_shard(ShardTask(str(shard), f"run-{r}"), labelers, store, batch_size=batch_size,
-                                     threads=threads, **variant.options)
+                                     threads=threads)
                 wall, cpu = time.perf_counter() - t0, _cpu() - c0
                 if result.ok != images:
                     raise RuntimeError(f"{variant.name} at {size_name}: {result.errors} error rows {result.error_reasons}")

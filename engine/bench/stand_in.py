@@ -67,9 +67,12 @@ def teacher_map(height: int, width: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def image_map(height: int, width: int) -> np.ndarray:
-    """teacher_map bilinearly at the image's size, as Depth Anything's post-processing restores it."""
-    return _resize(teacher_map(height, width), height, width, antialias=False)
+def image_map(height: int, width: int, label_h: int | None = None, label_w: int | None = None) -> np.ndarray:
+    """teacher_map bilinearly at the image's size, as Depth Anything's post-processing restores
+    it, or at the label's size (label_h x label_w) when one is given."""
+    label_h, label_w = label_h or height, label_w or width
+    small = teacher_map(height, width)
+    return _resize(small, label_h, label_w, antialias=label_h < small.shape[0] or label_w < small.shape[1])
 
 
 @lru_cache(maxsize=16)
@@ -94,13 +97,15 @@ class StandInTeacher:
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return teacher_input_size(height, width, TEACHER_SHORT_SIDE, TEACHER_SHORT_SIDE, PATCH, True)
 
-    def predict(self, images) -> list[Prediction]:
-        """Sleep the device's time, then hand out each image's map (one copy: the host's share)."""
+    def predict(self, images, sizes=None) -> list[Prediction]:
+        """Sleep the device's time, then hand out each image's map at its label size (one copy:
+        the host's share)."""
         seconds = len(images) / self.rate
         time.sleep(seconds)
         with self._lock:
             self.device_seconds += seconds
-        return [Prediction(image_map(*im.shape[:2]).copy()) for im in images]
+        sizes = sizes or [im.shape[:2] for im in images]
+        return [Prediction(image_map(*im.shape[:2], *size).copy()) for im, size in zip(images, sizes)]
 
 
 @dataclass(eq=False)
@@ -111,5 +116,5 @@ class StandInSky:
     name: str = "stand-in-sky"
     device: object = None
 
-    def masks(self, images) -> list[np.ndarray]:
-        return [sky_mask(*im.shape[:2]).copy() for im in images]
+    def masks(self, images, sizes=None) -> list[np.ndarray]:
+        return [sky_mask(*size).copy() for size in (sizes or [im.shape[:2] for im in images])]

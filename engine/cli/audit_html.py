@@ -17,6 +17,7 @@ from storage.label_format import (
     DISP_MEMBER,
     SKY_MEMBER,
     image_member,
+    label_row_shape,
     read_disparity_png,
 )
 from storage.manifest import decode_part
@@ -81,6 +82,12 @@ def _triplet(output: ObjectStore, row: dict) -> dict | None:
     if SKY_MEMBER in members:
         out["sky"] = _data_uri(Image.open(io.BytesIO(read(members[SKY_MEMBER]))).convert("L"))
     return out
+
+
+def _label_size(row: dict) -> str:
+    """" · label w×h" where the labels are smaller than the image (label --label-size), else ""."""
+    height, width = label_row_shape(row)
+    return "" if (height, width) == (row["height"], row["width"]) else f" · label {width}×{height}"
 
 
 def _rows_of(output: ObjectStore, shard: str, cache: dict) -> list[dict]:
@@ -155,7 +162,7 @@ def render(report: dict, output: ObjectStore) -> str:
             imgs = "".join(f'<img src="{t[k]}" alt="{k} of {html.escape(row["key"])}">'
                            for k in ("image", "disp", "sky") if k in t)
             parts.append(f'<div class=trip><div>{imgs}</div><small>{html.escape(row["shard"])}/'
-                         f'{html.escape(row["key"])} · {row["width"]}×{row["height"]} · sky '
+                         f'{html.escape(row["key"])} · {row["width"]}×{row["height"]}{_label_size(row)} · sky '
                          f'{_fmt(row["sky_fraction"])}</small></div>')
         parts.append("</div>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"

@@ -17,6 +17,7 @@ def _label(args) -> int:
     config = LabelConfig(
         input=args.input, output=args.output, teacher=None if gt else args.teacher,
         teacher_output=None if gt else args.teacher_output, keep_depth=getattr(args, "keep_depth", False),
+        label_size=getattr(args, "label_size", "image"),
         ground_truth=_rule(args) if gt else None,
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,

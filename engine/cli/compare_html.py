@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.cli.audit_html import THUMB, _data_uri, _fmt, colorize
 from pipelines.decode import decode_image
+from pipelines.label_grid import common_grid
 from storage import layout
 from storage.label_format import read_disparity_png, read_mask_png
 from storage.objectstore import ObjectStore, StorageError
@@ -112,7 +113,9 @@ def _pair(rank: int, entry: dict, a: ObjectStore, b: ObjectStore | None) -> str:
         da, db = load("disp_a"), load("disp_b")
         if entry.get("scale") is None or entry.get("shift") is None:
             raise _Missing("not aligned")
-        return _png(diff_rgb(da, db, entry["scale"], entry["shift"], optional("sky_a"), optional("sky_b")))
+        # labels of two sizes (label --label-size) are compared on the smaller's grid, as compare figured them
+        da, db, (sky_a,), (sky_b,) = common_grid(da, db, (optional("sky_a"),), (optional("sky_b"),))
+        return _png(diff_rgb(da, db, entry["scale"], entry["shift"], sky_a, sky_b))
 
     cells = [("image", lambda: _photo(load("image"))),
              ("A", lambda: _png(colorize(load("disp_a")))),

@@ -97,6 +97,10 @@ def build_parser() -> Parser:
     lab.add_argument("--keep-depth", action="store_true",
                      help="a metric teacher: also keep its metres as <key>.depth.png "
                           "(16-bit, metres x 256, 0 = none: the KITTI convention)")
+    lab.add_argument("--label-size", default="image", metavar="image|teacher|N",
+                     help="the labels' size: the image's (default), the teacher's (the image's aspect, short side "
+                          "that of the teacher's input: 518 for Depth Anything), or the long side capped at N "
+                          "pixels; job.json pins it")
     lab.add_argument("--dry-run", action="store_true",
                      help="write nothing: say the shards and images pending, the rate, and the job's projected "
                           "wall time, worker-hours, output bytes, S3 requests and cost")

@@ -146,7 +146,8 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A tar sample -> (image uint8 HxWx3, disparity float32, valid bool, sky bool), all HxW.
+    """A tar sample -> (image uint8 HxWx3, disparity float32, valid bool, sky bool), the labels
+    hxw: the image's size, or a downscale of it (``label --label-size``), refused otherwise.
 
     Pseudo-labels carry no valid.png: every pixel is valid, sky included (its label, 0, says
     "farthest"). Ground-truth conversions carry one. No sky.png (`--sky none`): no sky.
@@ -158,11 +159,12 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         raise ValueError(f"sample {key!r}: no image or no disp.png (members: {sorted(sample)})")
     image = decode_rgb(sample[image_ext])
     disparity = fmt.read_disparity_png(sample[fmt.DISP_MEMBER])
-    shape = image.shape[:2]
+    shape = disparity.shape
     valid = fmt.read_mask_png(sample[fmt.VALID_MEMBER]) if fmt.VALID_MEMBER in sample else np.ones(shape, bool)
     sky = fmt.read_mask_png(sample[fmt.SKY_MEMBER]) if fmt.SKY_MEMBER in sample else np.zeros(shape, bool)
-    if not disparity.shape == valid.shape == sky.shape == shape:
-        raise ValueError(f"sample {key!r}: label size {disparity.shape} differs from the image's {shape}")
+    if not (valid.shape == sky.shape == shape and fmt.is_label_shape(shape, image.shape[:2])):
+        raise ValueError(f"sample {key!r}: labels {disparity.shape}, {sky.shape}, {valid.shape} are not one "
+                         f"size, the image's {image.shape[:2]} or a downscale of it")
     return image, disparity, valid, sky
 
 
@@ -186,10 +188,15 @@ def transform_sample(image: np.ndarray, disparity: np.ndarray, valid: np.ndarray
                      depth: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """training_transform as a dict, plus `depth` (metres, 0 = none) when given: the same
     window, resized nearest (bilinear would blend a depth edge, or a pixel without depth, into
-    distances that are nowhere in the scene)."""
+    distances that are nowhere in the scene).
+
+    The labels may be a downscale of the image (``label --label-size``): the window is laid out
+    on the label's grid, and every array, image included, is resized once from its own grid to
+    the same (rh, rw) before the crop, so image and labels stay aligned whatever their sizes."""
     h, w = disparity.shape
-    if image.shape != (h, w, 3) or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not fmt.is_label_shape((h, w), image.shape[:2]):
+        raise ValueError(f"image must be uint8 HxWx3 of the labels' size {(h, w)} or larger at their aspect, "
+                         f"got {image.dtype} {image.shape}")
     valid = np.ones((h, w), bool) if valid is None else valid
     sky = np.zeros((h, w), bool) if sky is None else sky
     scale = crop / min(h, w)
@@ -199,7 +206,7 @@ def transform_sample(image: np.ndarray, disparity: np.ndarray, valid: np.ndarray
     mirror = bool(flip and rng.random() < 0.5)
 
     def geometry(array: np.ndarray, resample: Image.Resampling) -> np.ndarray:
-        if (rh, rw) != (h, w):
+        if (rh, rw) != array.shape[:2]:
             array = np.asarray(Image.fromarray(array).resize((rw, rh), resample))
         out = array[top:top + crop, left:left + crop]
         return np.ascontiguousarray(out[:, ::-1] if mirror else out)
