@@ -117,14 +117,18 @@ def test_sky_masks_at_the_label_size_agree_with_the_image_size_ones(tiny_models)
 
 # -- an OUTPUT of each kind through every reader ----------------------------------------------------
 
-def _gt_shard(directory) -> str:
-    """Photos with ground truth carried through (depth.npy), so evaluate can score the labels."""
+def _gt_shard(directory, broken: bool) -> str:
+    """Photos with ground truth carried through (depth.npy), so evaluate can score the labels,
+    and a photo that is undecodable at first (``broken``), for a repair."""
     directory.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, (h, w) in enumerate([(120, 180), (150, 100), (96, 96)]):
         image, depth = render(h, w, seed=i)
         samples.append({"__key__": f"g{i}", "png": png(image), "depth.npy": npy(depth)})
-    return write_shard(directory / "gt-000000.tar", samples + photo_samples([(90, 140)], "p"))
+    photos = photo_samples([(90, 140), (100, 70)], "p")
+    if broken:
+        photos[1]["jpg"] = b"\xff\xd8 not a jpeg"
+    return write_shard(directory / "gt-000000.tar", samples + photos)
 
 
 def _members(output) -> dict[str, dict[str, bytes]]:
@@ -139,12 +143,12 @@ def _members(output) -> dict[str, dict[str, bytes]]:
 
 def test_label_size_outputs_through_verify_resume_compare_evaluate_and_the_loader(tmp_path, tiny_models):
     """OUTPUTs at --label-size 64 and teacher beside one at the image's size: their PNGs are the
-    rule's size, verify passes, a rerun resumes, another --label-size is refused (exit 2),
-    compare lays A over B, evaluate scores the labels against the carried ground truth, and the
+    rule's size, verify passes, a rerun resumes, another --label-size is refused (exit 2), a
+    repair relabels at the pinned size, the audit page says the label's size, compare lays A over B, evaluate scores the labels against the carried ground truth, and the
     student loader yields aligned crops."""
     from pipelines.student.loader import DepthShards, LoaderConfig
 
-    _gt_shard(tmp_path / "in")
+    _gt_shard(tmp_path / "in", broken=True)
     inputs = str(tmp_path / "in") + "/"
     base = ["--teacher", tiny_models.teacher, "--sky", tiny_models.sky, "--workers", "1", "--json"]
     outs = {}
@@ -168,9 +172,19 @@ def test_label_size_outputs_through_verify_resume_compare_evaluate_and_the_loade
     assert again["shards_skipped"] == 1 and again["shards_committed"] == 0
     refused = run("label", inputs, str(outs["64"]), *base, "--label-size", "image", check=2)
     assert "label_size" in refused.stderr and "Traceback" not in refused.stderr
+    # repair: the photo fixed since is relabeled at the OUTPUT's label size.
+    _gt_shard(tmp_path / "in", broken=False)
+    repaired = json.loads(run("label", inputs, str(outs["64"]), *base, "--label-size", "64", "--repair-errors",
+                              check=0).stdout)
+    assert repaired["rows_repaired"] == 1, repaired
+    fixed = _members(outs["64"])["p0001"]
+    assert Image.open(io.BytesIO(fixed["disp.png"])).size == label_size(64, 100, 70)[::-1]
+    assert json.loads(run("verify", str(outs["64"]), "--json", check=0).stdout)["ok"]
+    run("audit", str(outs["64"]), "--html", str(tmp_path / "audit.html"), check=0)
+    assert "· label " in (tmp_path / "audit.html").read_text()
     # compare: A at 64 against B at the image's size, on A's grid; the same teacher, so they agree.
     r = json.loads(run("compare", str(outs["64"]), str(outs["image"]), "--json", check=0).stdout)
-    assert r["counts"]["compared"] == 4 and r["counts"]["errors"] == 0, r["counts"]
+    assert r["counts"]["compared"] == 4 and r["counts"]["error_b"] == 1, r["counts"]
     assert r["figures"]["pearson"]["min"] > 0.95, r["figures"]["pearson"]
     # evaluate: the stored labels scored against the carried ground truth, laid over its grid.
     scored = {}
@@ -181,9 +195,9 @@ def test_label_size_outputs_through_verify_resume_compare_evaluate_and_the_loade
         scored[rule] = e["summary"]["label"]["abs_rel"]
     assert scored["64"] == pytest.approx(scored["image"], rel=0.25, abs=0.02)
     # The loader: crops of every sample, the image's and the labels' at the crop size.
-    for rule in ("64", "teacher"):
+    for rule, count in (("64", 5), ("teacher", 4)):
         samples = list(DepthShards(LoaderConfig((str(outs[rule]),), crop=48, seed=0)))
-        assert len(samples) == 4
+        assert len(samples) == count
         for s in samples:
             assert s["image"].shape == (3, 48, 48) and s["disparity"].shape == (48, 48) == s["sky"].shape
 
