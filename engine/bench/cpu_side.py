@@ -165,7 +165,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
                 if r:
                     runs.append((wall, cpu, result.tar_size))
             wall = statistics.median(w for w, _, _ in runs)
-            cpu_ms = statistics.median(1000 * c / images for _, c, _ in runs)
+            cpu_ms = round(statistics.median(1000 * c / images for _, c, _ in runs), 1)   # the figures below from it
             fig["variants"][variant.name] = {
                 "cpu_ms_per_image": round(cpu_ms, 1),
                 "plain_decodes_per_image": round(cpu_ms / plain, 2),
