@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # decoding's and ground truth's modules (PIL) load when a job
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"
 DEFAULT_SKY = "nvidia/segformer-b5-finetuned-ade-640-640"
+# A new OUTPUT's labels (`label` without --label-size): at the teacher's size, what the paper's student
+# trains on, at a quarter of the CPU and a third of the bytes of image-sized labels on SA-1B photos
+# (README, "The label's size").
+DEFAULT_LABEL_SIZE = "teacher"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -49,7 +53,10 @@ class LabelConfig:
     teacher: str | None = DEFAULT_TEACHER  # None with ground_truth: `convert-gt`
     teacher_output: str | None = None      # "disparity" | "depth"; None: from the teacher's config
     keep_depth: bool = False               # also keep a depth teacher's metres (depth.png)
-    label_size: str | int = "image"        # "image" | "teacher" | N (storage.label_format.label_size)
+    # "image" | "teacher" | N (storage.label_format.label_size). The CLI's default for a new OUTPUT
+    # is DEFAULT_LABEL_SIZE; this one, the image's, is SPEC §3's, for callers that lay labels on images.
+    label_size: str | int = "image"
+    draft_decode: bool = False             # JPEGs decoded at the models' DCT scale (--draft-decode)
     sky: str | None = DEFAULT_SKY          # None: no sky segmentation (--sky none)
     ground_truth: GroundTruthRule | None = None   # labels from the samples' own ground truth
     batch_size: int = 8
@@ -82,6 +89,8 @@ class LabelConfig:
             raise ConfigError(str(e)) from None
         if self.label_size != "image" and self.teacher is None:
             raise ConfigError("--label-size: a ground-truth conversion keeps its labels at the image's size")
+        if self.draft_decode and self.teacher is None:
+            raise ConfigError("--draft-decode: a ground-truth conversion decodes its images at full size")
         if self.keep_depth and self.teacher is None:
             raise ConfigError("--keep-depth keeps a teacher's depth; ground truth carries its own member")
         check_resources(self)

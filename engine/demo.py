@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine.config import LabelConfig
+from engine.config import DEFAULT_LABEL_SIZE, LabelConfig
 from engine.models import ModelSourceError, cache_root, resolve
 
 DEMO_TEACHER = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -87,7 +87,9 @@ def demo_models() -> tuple[str, str, bool]:
 
 def run_demo(output: str, *, as_json: bool = False) -> int:
     from engine.cli.printing import print_summary
+    from engine.job import pinned_label_size
     from engine.label import label
+    from storage.stores import open_store
 
     out = Path(output).resolve()
     inputs = out.parent / f"{out.name}-input"
@@ -98,8 +100,9 @@ def run_demo(output: str, *, as_json: bool = False) -> int:
         print("depth-engine demo: the hub is not reachable and the real models are not cached, so the demo\n"
               "uses tiny random-weight models: the labels show the machinery, not depth quality.",
               file=sys.stderr)
+    size = pinned_label_size(open_store(str(out))) or DEFAULT_LABEL_SIZE   # as `label` would
     summary = label(LabelConfig(input=str(inputs) + "/", output=str(out), teacher=teacher, sky=sky,
-                                batch_size=4, workers=1, progress=not as_json))
+                                label_size=size, batch_size=4, workers=1, progress=not as_json))
     print_summary(summary.to_json(), as_json)
     if not as_json:
         print(f"\ninput shards: {inputs}/\nlabeled shards: {out}/shards/\nmanifest: {out}/manifest/ "

@@ -46,6 +46,8 @@ class JobSpec:
             **({"keep_depth": config.keep_depth} if teacher else {}),
             # the labels' size (storage.label_format.label_size); absent: the image's, as before it existed
             "label_size": config.label_size,
+            # JPEGs decoded in the DCT domain at the scale the models need (--draft-decode)
+            **({"draft_decode": config.draft_decode} if teacher else {}),
             "sky": sky.provenance() if sky else None,
             "teacher_input": teacher_input,
             **({"ground_truth": {"scale": gt.scale, "max_depth": gt.max_depth}} if gt else {}),
@@ -61,6 +63,7 @@ class JobSpec:
                 "teacher_output": teacher_output(self.label),
                 "keep_depth": bool(self.label.get("keep_depth", False)),   # absent: from before it existed
                 "label_size": label_size_of(self.label),
+                "draft_decode": bool(self.label.get("draft_decode", False)),   # absent: from before it existed
                 "sky": model(self.label["sky"]), "teacher_input": self.label["teacher_input"],
                 "ground_truth": self.label.get("ground_truth")}
 
@@ -82,6 +85,12 @@ def teacher_output(label: dict) -> str | None:
 def label_size_of(label: dict) -> str | int:
     """job.json's label size rule; absent (an OUTPUT from before it existed): the image's."""
     return label.get("label_size", "image")
+
+
+def pinned_label_size(output: ObjectStore) -> str | int | None:
+    """The label size an existing OUTPUT's job.json pins (None: no job.json yet)."""
+    doc = read(output)
+    return None if doc is None else label_size_of(doc.get("label", {}))
 
 
 def source_kind(doc: dict) -> str:

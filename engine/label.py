@@ -139,6 +139,9 @@ def prepare(config: LabelConfig) -> Prepared:
         teacher, kind = resolve_teacher(config.teacher, config.teacher_output) if config.teacher else (None, None)
         if teacher and config.keep_depth and kind not in METRIC_OUTPUTS:
             raise ConfigError(f"--keep-depth needs a teacher that outputs metric depth; {config.teacher} outputs {kind}")
+        if config.draft_decode and isinstance(teacher, PluginRef):
+            raise ConfigError("--draft-decode needs a transformers teacher: a plugin's target_size is a bucket, "
+                              "not the input size its model needs")
         sky = resolve(config.sky) if config.sky else None
         if sky:
             check_sky_model(sky)
@@ -180,7 +183,7 @@ def worker_spec(config: LabelConfig, output_url: str, teacher, sky, kind: str | 
     """What each label actor loads and how it labels (its dry run's calibration actor too)."""
     return WorkerSpec(output=output_url, teacher=config.teacher, teacher_sha256=teacher.sha256 if teacher else None,
                       teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
-                      label_size=config.label_size,
+                      label_size=config.label_size, draft_decode=config.draft_decode,
                       ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
                       dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
                       limits=config.limits)

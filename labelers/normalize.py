@@ -73,10 +73,11 @@ def normalize_output(
     label was normalized on."""
     disparity = to_disparity(raw, output)
     label = normalize_disparity(disparity, sky, valid)
-    used = np.asarray(raw)[_pixels(disparity, sky, valid)]
-    if not used.size:
+    used = _pixels(disparity, sky, valid)
+    if not used.any():
         return label
-    return replace(label, output_lo=float(used.min()), output_hi=float(used.max()))
+    output_lo, output_hi = _range(np.asarray(raw), used)
+    return replace(label, output_lo=output_lo, output_hi=output_hi)
 
 
 def _pixels(raw: np.ndarray, sky: np.ndarray | None, valid: np.ndarray | None) -> np.ndarray:
@@ -107,10 +108,28 @@ def normalize_disparity(
     out = np.zeros(raw.shape, dtype=np.float32)
     if not v.any():
         return NormalizedDisparity(out, float("nan"), float("nan"), True)
-    r = raw[v].astype(np.float64)
-    lo, hi = float(r.min()), float(r.max())
+    lo, hi = _range(raw, v)
     span = hi - lo
     if span <= 0 or span <= RELATIVE_RANGE_EPS * max(abs(lo), abs(hi)):
         return NormalizedDisparity(out, lo, hi, True)
-    out[v] = np.clip((r - lo) / span, 0.0, 1.0)
+    for rows in _row_blocks(raw.shape):   # float64 arithmetic, one block of rows at a time
+        r = raw[rows].astype(np.float64)
+        r -= lo
+        r /= span
+        np.clip(r, 0.0, 1.0, out=r)
+        np.copyto(out[rows], r, where=v[rows], casting="same_kind")
     return NormalizedDisparity(out, lo, hi, False)
+
+
+BLOCK_PIXELS = 1 << 16   # the float64 temporaries of a normalization: 512 KiB, whatever the label's size
+
+
+def _row_blocks(shape: tuple[int, int]):
+    rows = max(1, BLOCK_PIXELS // max(1, shape[1]))
+    return (slice(i, i + rows) for i in range(0, shape[0], rows))
+
+
+def _range(values: np.ndarray, where: np.ndarray) -> tuple[float, float]:
+    """min and max of ``values`` over ``where`` (not empty), without copying the pixels out."""
+    return (float(np.min(values, where=where, initial=np.inf)),
+            float(np.max(values, where=where, initial=-np.inf)))

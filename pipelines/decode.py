@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -128,8 +129,8 @@ def _check_jpeg_fill(img: Image.Image) -> None:
     all over passes (its label is flagged degenerate by the audit, not hidden)."""
     if img.format not in ("JPEG", "MPO") or img.mode not in ("L", "RGB") or img.height < _FILL_ROWS:
         return
-    pixels = np.asarray(img)
-    if (pixels[-_FILL_ROWS:] == _JPEG_FILL).all() and not (pixels == _JPEG_FILL).all():
+    last = np.asarray(img.crop((0, img.height - _FILL_ROWS, img.width, img.height)))   # not a full copy
+    if (last == _JPEG_FILL).all() and not (np.asarray(img) == _JPEG_FILL).all():
         raise DecodeError("truncated JPEG: its last rows are the decoder's grey fill (scans missing)")
 
 
@@ -148,13 +149,33 @@ def probe_image(data: bytes, limits: SampleLimits = SampleLimits()) -> int:
         raise DecodeError(f"cannot read image header: {type(e).__name__}: {e}") from None
 
 
-def decode_image(data: bytes, limits: SampleLimits = SampleLimits()) -> np.ndarray:
+Reduce = Callable[[int, int], tuple[int, int]]   # an image's (height, width) -> the least it must decode to
+_SWAPS_AXES = (5, 6, 7, 8)   # EXIF orientations that turn the stored image by a quarter
+
+
+def decode_image(data: bytes, limits: SampleLimits = SampleLimits(), reduce: Reduce | None = None) -> np.ndarray:
     """Check the header, decode fully (so truncation is caught here, not in a model), orient."""
+    return decode_reduced(data, limits, reduce)[0]
+
+
+def decode_reduced(data: bytes, limits: SampleLimits = SampleLimits(),
+                   reduce: Reduce | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode_image, and the image's own (height, width) after orientation. With ``reduce``, a
+    JPEG is decoded in the DCT domain at the smallest of 1/2, 1/4, 1/8 scale that still covers
+    ``reduce(height, width)`` (libjpeg's scaled IDCT: a fraction of the full decode's time), so
+    the array can be smaller than the image; other formats decode at full size."""
     if not data:
         raise DecodeError("empty image member")
     try:
         with Image.open(io.BytesIO(data)) as img:
             check_header(img, data, limits)
+            stored = img.size
+            swap = img.getexif().get(0x0112) in _SWAPS_AXES
+            height, width = (img.width, img.height) if swap else (img.height, img.width)
+            if reduce is not None and img.format == "JPEG":
+                need_h, need_w = reduce(height, width)
+                img.draft(img.mode, (need_h, need_w) if swap else (need_w, need_h))
+            drafted = img.size != stored
             img.load()
             _check_jpeg_fill(img)
             img = ImageOps.exif_transpose(img)
@@ -167,7 +188,7 @@ def decode_image(data: bytes, limits: SampleLimits = SampleLimits()) -> np.ndarr
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DecodeError(f"image has no pixels ({rgb.shape})")
-    return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(rgb), (height, width) if drafted else rgb.shape[:2]
 
 
 def sample_from_members(members: dict, source: str) -> Sample:
@@ -200,14 +221,14 @@ def probe(sample: Sample, limits: SampleLimits = SampleLimits()) -> int:
         return 0
 
 
-def decode(sample: Sample, limits: SampleLimits = SampleLimits()) -> Sample:
-    """Stage 1: fill ``sample.image`` or record why it cannot be."""
+def decode(sample: Sample, limits: SampleLimits = SampleLimits(), reduce: Reduce | None = None) -> Sample:
+    """Stage 1: fill ``sample.image`` or record why it cannot be. ``sample.height`` and
+    ``width`` are the image's own, even where ``reduce`` made the array smaller."""
     if not sample.ok:
         return sample
     t0 = time.perf_counter()
     try:
-        sample.image = decode_image(sample.image_bytes, limits)
-        sample.height, sample.width = sample.image.shape[:2]
+        sample.image, (sample.height, sample.width) = decode_reduced(sample.image_bytes, limits, reduce)
     except DecodeError as e:
         sample.fail(str(e))
     sample.timings["decode"] = time.perf_counter() - t0

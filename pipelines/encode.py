@@ -10,7 +10,6 @@ import numpy as np
 
 from labelers.normalize import (
     METRIC_OUTPUTS,
-    NormalizedDisparity,
     normalize_disparity,
     normalize_output,
     to_depth,
@@ -20,6 +19,7 @@ from storage.label_format import (
     CONF_MEMBER,
     DEPTH_MEMBER,
     DEPTH_SCALE,
+    DISP_LEVELS,
     DISP_MEMBER,
     JSON_MEMBER,
     RESERVED,
@@ -27,8 +27,9 @@ from storage.label_format import (
     VALID_MEMBER,
     conf_png,
     depth_png,
-    disparity_png,
+    disparity_values_png,
     mask_png,
+    quantize_disparity,
 )
 from storage.label_format import read_conf_png as read_conf_png
 from storage.label_format import read_depth_png as read_depth_png
@@ -64,12 +65,16 @@ def conf_mean(confidence: np.ndarray | None, used: np.ndarray | None) -> float |
     return float(c.mean()) if c.size else None
 
 
-def percentiles(label: NormalizedDisparity, used: np.ndarray | None) -> list[float | None]:
-    """p05/p50/p95 of the normalized label over the pixels it was normalized on (``used``)."""
-    if label.degenerate:
+def percentiles(values: np.ndarray, used: np.ndarray | None, degenerate: bool) -> list[float | None]:
+    """p05/p50/p95 of the stored label (disp.png's values / 65535, numpy's linear
+    interpolation) over the pixels it was normalized on (``used``): what a trainer reads, within
+    half a step (1/131070) of the float label's, and taken on 2-byte integers, not a float copy."""
+    if degenerate:
         return [None, None, None]
-    d = label.disparity if used is None else label.disparity[used]
-    return [float(v) for v in np.percentile(d, [5, 50, 95])] if d.size else [None, None, None]
+    v = values if used is None else values[used]
+    if not v.size:
+        return [None, None, None]
+    return [float(p) / DISP_LEVELS for p in np.percentile(v, [5, 50, 95])]
 
 
 def label_mask(sample: Sample) -> np.ndarray | None:
@@ -153,7 +158,8 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
     used = None if sample.sky is None else ~sample.sky
     if sample.valid is not None:
         used = sample.valid if used is None else used & sample.valid
-    p05, p50, p95 = percentiles(label, used)
+    values = quantize_disparity(label.disparity)
+    p05, p50, p95 = percentiles(values, used, label.degenerate)
     confidence_mean = conf_mean(sample.confidence, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
@@ -165,7 +171,7 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras, sample.notes),
     }
-    members = {sample.image_ext: sample.image_bytes, DISP_MEMBER: disparity_png(label.disparity)}
+    members = {sample.image_ext: sample.image_bytes, DISP_MEMBER: disparity_values_png(values)}
     if sample.sky is not None:
         members[SKY_MEMBER] = mask_png(sample.sky)
     if valid is not None:

@@ -55,6 +55,7 @@ class Labelers:
     ground_truth: GroundTruthRule | None = None
     keep_depth: bool = False
     label_size: str | int = "image"   # storage.label_format.label_size's rule (job.json pins it)
+    draft_decode: bool = False        # JPEGs decoded at the DCT scale the models need (decode_size)
 
     def __post_init__(self):
         if (self.teacher is None) == (self.ground_truth is None):
@@ -64,6 +65,8 @@ class Labelers:
         if self.ground_truth is not None and self.label_size != "image":
             raise ValueError("a ground-truth conversion keeps labels at the image's size (--label-size image)")
         parse_label_size(self.label_size)
+        if self.draft_decode and self.teacher is None:
+            raise ValueError("draft decoding needs a teacher (ground truth is read at the image's size)")
 
     def label_shape(self, height: int, width: int) -> tuple[int, int]:
         """The size of the labels of a height x width image under ``label_size``."""
@@ -88,8 +91,15 @@ class Labelers:
         """Where the models run (None: no model, a ground-truth conversion without sky)."""
         return next((m.device for m in (self.teacher, self.sky) if m is not None), None)
 
+    def decode_size(self, height: int, width: int) -> tuple[int, int]:
+        """The least (height, width) a height x width image must decode to: what each model sees."""
+        sizes = [m.target_size(height, width) for m in (self.teacher, self.sky) if m is not None]
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
+
     def decode(self, sample: Sample, limits: SampleLimits = SampleLimits()) -> Sample:
-        return decode(sample, limits) if self.teacher else decode_labeled(sample, self.ground_truth, limits)
+        if self.teacher is None:
+            return decode_labeled(sample, self.ground_truth, limits)
+        return decode(sample, limits, self.decode_size if self.draft_decode else None)
 
     def batch_key(self, sample: Sample):
         """Samples that can share a forward pass: same teacher input size."""
@@ -123,8 +133,8 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     images = [s.image for s in batch]
     if labelers.device is not None:
         images = upload(images, labelers.device)
-    shapes = [labelers.label_shape(s.height, s.width) for s in batch]
-    sizes = {} if all(shape == (s.height, s.width) for shape, s in zip(shapes, batch)) else {"sizes": shapes}
+    shapes = [labelers.label_shape(s.height, s.width) for s in batch]   # from the image's size, not the array's
+    sizes = {} if all(shape == s.image.shape[:2] for shape, s in zip(shapes, batch)) else {"sizes": shapes}
     masks = labelers.sky.masks(images, **sizes) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
     predictions = labelers.teacher.predict(images, **sizes) if labelers.teacher else [None] * len(batch)

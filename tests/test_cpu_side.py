@@ -82,6 +82,9 @@ def test_stand_in_rate_bench_reports_cpu_side_per_size(tmp_path, capsys):
             assert v["images_per_second_per_core"] == pytest.approx(1000 / cpu, rel=0.01)
             assert v["plain_decodes_per_image"] == pytest.approx(cpu / f["plain_decode_ms"], rel=0.02)
             assert v["output_bytes_per_image"] > f["width"] * f["height"] * 0.3
+        assert len(f["variants"]) == 3 and f["pools"]["threads"] > 0 and f["pools"]["processes"] > 0
+        for codecs in f["codecs"].values():    # every encoder measured reads back exactly
+            assert len(codecs) >= 8 and all(c["bit_exact"] and c["bytes_per_pixel"] > 0 for c in codecs.values())
     print_report(r)
     out = capsys.readouterr().out
     assert "stand-in accelerator at 300 images/s" in out and "cores/GPU" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -105,13 +107,70 @@ def test_depth_is_metres_times_256_zero_for_none_sky_and_beyond_256_m():
     assert (value[1, :4] > 0).all() and (stored(fmt.depth_png(metres, sky))[1][1, :4] == 0).all()
 
 
-def test_the_writer_level_is_zlib_1():
-    """Bytes written are the format's: the same array saved by PIL at level 1 is the same file."""
-    d = RNG.random(SHAPE)
-    u16 = round_half_up(d * 65535).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(u16).save(buf, format="PNG", compress_level=1)
-    assert fmt.disparity_png(d) == buf.getvalue()
+def _chunks(data: bytes) -> dict[bytes, bytes]:
+    """A PNG's chunks by type (IDATs joined), parsed here byte by byte."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, i = {}, 8
+    while i < len(data):
+        (n,) = struct.unpack(">I", data[i:i + 4])
+        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
+        assert struct.unpack(">I", data[i + 8 + n:i + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        i += 12 + n
+    return chunks
+
+
+def _label_arrays() -> dict[str, tuple[bytes, np.ndarray, int]]:
+    """Each label PNG the writer makes, of a real scene's map and sky, with the values it must hold
+    (worked out with numpy) and its bit depth."""
+    from engine.bench.stand_in import image_map, sky_mask
+
+    raw, sky = image_map(97, 143).astype(np.float64), sky_mask(97, 143)
+    d = (raw - raw.min()) / (raw.max() - raw.min())
+    d[0, :2] = [0.0, 1.0]
+    conf = RNG.random(raw.shape)
+    metres = 1.0 / (0.05 + raw)
+    return {
+        "disp.png": (fmt.disparity_png(d), round_half_up(d * 65535).astype(np.uint16), 16),
+        "sky.png": (fmt.mask_png(sky), np.where(sky, 255, 0).astype(np.uint8), 8),
+        "conf.png": (fmt.conf_png(conf), round_half_up(conf * 255).astype(np.uint8), 8),
+        "depth.png": (fmt.depth_png(metres), round_half_up(metres * 256).astype(np.uint16), 16),
+    }
+
+
+@pytest.mark.parametrize("member", ["disp.png", "sky.png", "conf.png", "depth.png"])
+def test_every_label_png_is_a_standard_grayscale_png_three_readers_read_bit_exact(member, tmp_path):
+    """The writer's codec (libpng, one row filter, zlib level 1) makes plain grayscale PNGs: their
+    header says so, the zlib stream says level 1, and Pillow, OpenCV and the webdataset library's
+    own reading of a tar (its decoder handed Pillow without conversion) each read the values."""
+    import cv2
+    import webdataset as wds
+
+    data, want, bits = _label_arrays()[member]
+    chunks = _chunks(data)
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (height, width, depth, colour) == (*want.shape, bits, 0)   # colour type 0: grayscale
+    assert chunks[b"IDAT"][0] & 0x0F == 8 and chunks[b"IDAT"][1] >> 6 == 0   # deflate, fastest level
+    np.testing.assert_array_equal(stored(data)[1], want)
+    back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == want.dtype
+    np.testing.assert_array_equal(back, want)
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "k", member: data})
+    as_stored = wds.handle_extension(member, lambda b: np.asarray(Image.open(io.BytesIO(b))))
+    (sample,) = wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode(as_stored)
+    np.testing.assert_array_equal(sample[member], want)
+
+
+def test_quantize_is_the_stored_values_and_float32_stays_float32():
+    """quantize_disparity is what disp.png holds, for float32 and float64 labels alike."""
+    d32 = RNG.random(SHAPE).astype(np.float32)
+    np.testing.assert_array_equal(fmt.quantize_disparity(d32),
+                                  np.rint(np.clip(d32, 0.0, 1.0) * np.float32(65535)).astype(np.uint16))
+    np.testing.assert_array_equal(stored(fmt.disparity_values_png(fmt.quantize_disparity(d32)))[1],
+                                  stored(fmt.disparity_png(d32))[1])
+    with pytest.raises(ValueError, match="uint16"):
+        fmt.disparity_values_png(d32)
 
 
 @pytest.mark.parametrize("reader", [fmt.read_disparity_png, fmt.read_mask_png, fmt.read_conf_png,

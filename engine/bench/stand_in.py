@@ -115,6 +115,10 @@ class StandInSky:
 
     name: str = "stand-in-sky"
     device: object = None
+    input_size: tuple[int, int] = (640, 640)   # the default sky model's (SegFormer, ADE20k at 640)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.input_size
 
     def masks(self, images, sizes=None) -> list[np.ndarray]:
         return [sky_mask(*size).copy() for size in (sizes or [im.shape[:2] for im in images])]

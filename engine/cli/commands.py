@@ -7,7 +7,17 @@ import sys
 
 from engine.cli.parser import _limits, _rule
 from engine.cli.printing import print_audit, print_json, print_repair, print_summary
-from engine.config import ConfigError, LabelConfig
+from engine.config import DEFAULT_LABEL_SIZE, ConfigError, LabelConfig
+
+
+def _label_size(args) -> str | int:
+    """--label-size, or the OUTPUT's own (job.json) when it has one, or the default for a new OUTPUT."""
+    if getattr(args, "label_size", None) is not None:
+        return args.label_size
+    from engine.job import pinned_label_size
+    from storage.stores import open_store
+
+    return pinned_label_size(open_store(args.output)) or DEFAULT_LABEL_SIZE
 
 
 def _label(args) -> int:
@@ -17,7 +27,8 @@ def _label(args) -> int:
     config = LabelConfig(
         input=args.input, output=args.output, teacher=None if gt else args.teacher,
         teacher_output=None if gt else args.teacher_output, keep_depth=getattr(args, "keep_depth", False),
-        label_size=getattr(args, "label_size", "image"),
+        draft_decode=getattr(args, "draft_decode", False),
+        label_size="image" if gt else _label_size(args),
         ground_truth=_rule(args) if gt else None,
         sky=None if args.sky.lower() == "none" else args.sky, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype,

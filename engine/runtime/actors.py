@@ -45,6 +45,7 @@ class WorkerSpec:
     teacher_output: str = "disparity"   # what the teacher outputs, decided on the driver (job.json)
     keep_depth: bool = False            # a depth teacher's metres kept as depth.png (job.json)
     label_size: str | int = "image"     # the labels' size rule (job.json)
+    draft_decode: bool = False          # JPEGs decoded at the models' DCT scale (job.json)
     device: str = "cpu"
     dtype: str = "auto"
     batch_size: int = 8
@@ -105,7 +106,8 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
         sref = resolve(spec.sky)
         _check_same_weights(spec.sky, sref.sha256, spec.sky_sha256)
         sky = SkySegmenter.load(sref.path, device=str(device), dtype=spec.dtype, name=spec.sky)
-    return Labelers(teacher, sky, spec.ground_truth, keep_depth=spec.keep_depth, label_size=spec.label_size)
+    return Labelers(teacher, sky, spec.ground_truth, keep_depth=spec.keep_depth, label_size=spec.label_size,
+                    draft_decode=spec.draft_decode)
 
 
 class _Worker:
