@@ -55,11 +55,12 @@ class InferenceModel:
         """The (height, width) the model sees for an image of this size."""
         return self.preprocess.target_size(height, width)
 
-    def run(self, images: Sequence[np.ndarray], read: Callable[[Any, list, list], Iterable[T]],
-            sizes: Sequence[tuple[int, int]] | None = None) -> list[T]:
+    def run(self, images: Sequence[np.ndarray], read: Callable[..., Iterable[T]],
+            sizes: Sequence[tuple[int, int]] | None = None, per_image: Sequence | None = None) -> list[T]:
         """One result per image, in order: ``read(outputs, batch, sizes)`` gives the results of one
         forward pass, one per image of ``batch`` (the images it ran on), each at its ``sizes``
         entry (height, width: the label's size; the image's own when ``sizes`` is None).
+        ``per_image``: one more thing per image, handed to ``read`` for the batch's images.
 
         Images that share a target size run in one forward pass; nothing is padded to a batch
         size, so an image's result does not depend on its batch-mates beyond float noise. The
@@ -72,6 +73,7 @@ class InferenceModel:
                     outputs = self.model(pixel_values=pixels)
                 batch = [images[i] for i in members]
                 out = [tuple(sizes[i]) if sizes else tuple(images[i].shape[:2]) for i in members]
-                for i, result in zip(members, read(outputs, batch, out), strict=True):
+                more = () if per_image is None else ([per_image[i] for i in members],)
+                for i, result in zip(members, read(outputs, batch, out, *more), strict=True):
                     results[i] = result
         return results

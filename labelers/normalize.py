@@ -29,6 +29,7 @@ class NormalizedDisparity:
     degenerate: bool  # V empty or hi - lo ~ 0: disparity is all 0
     output_lo: float = float("nan")  # the model's own output over V, in its unit (normalize_output)
     output_hi: float = float("nan")
+    used: np.ndarray | None = None  # V itself, bool HxW (the manifest's percentiles are over it)
 
 
 def to_disparity(raw: np.ndarray, output: str) -> np.ndarray:
@@ -73,10 +74,9 @@ def normalize_output(
     label was normalized on."""
     disparity = to_disparity(raw, output)
     label = normalize_disparity(disparity, sky, valid)
-    used = _pixels(disparity, sky, valid)
-    if not used.any():
+    if not label.used.any():
         return label
-    output_lo, output_hi = _range(np.asarray(raw), used)
+    output_lo, output_hi = _range(np.asarray(raw), label.used)
     return replace(label, output_lo=output_lo, output_hi=output_hi)
 
 
@@ -107,18 +107,18 @@ def normalize_disparity(
     v = _pixels(raw, sky, valid)
     out = np.zeros(raw.shape, dtype=np.float32)
     if not v.any():
-        return NormalizedDisparity(out, float("nan"), float("nan"), True)
+        return NormalizedDisparity(out, float("nan"), float("nan"), True, used=v)
     lo, hi = _range(raw, v)
     span = hi - lo
     if span <= 0 or span <= RELATIVE_RANGE_EPS * max(abs(lo), abs(hi)):
-        return NormalizedDisparity(out, lo, hi, True)
+        return NormalizedDisparity(out, lo, hi, True, used=v)
     for rows in _row_blocks(raw.shape):   # float64 arithmetic, one block of rows at a time
         r = raw[rows].astype(np.float64)
         r -= lo
         r /= span
         np.clip(r, 0.0, 1.0, out=r)
         np.copyto(out[rows], r, where=v[rows], casting="same_kind")
-    return NormalizedDisparity(out, lo, hi, False)
+    return NormalizedDisparity(out, lo, hi, False, used=v)
 
 
 BLOCK_PIXELS = 1 << 16   # the float64 temporaries of a normalization: 512 KiB, whatever the label's size

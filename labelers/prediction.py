@@ -17,11 +17,14 @@ class Prediction:
     confidence: float32 HxW in [0, 1], 1 = most confident; None when the teacher gives none.
     fov_deg: the horizontal field of view the teacher predicts for the image, in degrees; None
     when it predicts none (the sample json's ``intrinsics`` gives the focal length from it).
+    label: the label already made on the device (labelers.device_label.QuantizedLabel), raw then
+    None: the float map never came to the host.
     """
 
-    raw: np.ndarray
+    raw: np.ndarray | None
     confidence: np.ndarray | None = None
     fov_deg: float | None = None
+    label: object | None = None
 
 
 def checked(prediction, height: int, width: int, teacher: str) -> Prediction:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labelers.device_label import quantize_on_device
 from labelers.model import InferenceModel, load_for_inference
 from labelers.normalize import DISPARITY
 from labelers.prediction import Prediction
@@ -112,14 +113,18 @@ class Teacher(InferenceModel):
         preprocess = TeacherPreprocess.from_processor(loaded.processor, family=loaded.model.config.model_type)
         return cls(name or str(source), preprocess, loaded.device, loaded.dtype, loaded.model, output=output)
 
-    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None,
+                skies: Sequence[np.ndarray | None] | None = None) -> list[Prediction]:
         """The model's own output (raw float32 HxW, each image's own size, or its ``sizes`` entry:
         the label's; ``output`` says which kind) for uint8 HxWx3 RGB images, with the field of
         view where the model predicts one (Depth Pro with its fov model). Batches as
-        InferenceModel.run: ZoeDepth's reflect padding is the image's own, nothing else is padded."""
-        return self.run(images, self._restore, sizes)
+        InferenceModel.run: ZoeDepth's reflect padding is the image's own, nothing else is padded.
 
-    def _restore(self, outputs, batch: list, sizes: list) -> Iterator[Prediction]:
+        With ``skies`` (each image's sky mask at its label size, or None without a sky model) the
+        label is made on the model's device (labelers.device_label) and only it comes back."""
+        return self.run(images, self._restore, sizes, skies)
+
+    def _restore(self, outputs, batch: list, sizes: list, skies: list | None = None) -> Iterator[Prediction]:
         depth = outputs.predicted_depth.float()
         fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
         fov = None if fov is None else fov.float()  # the focal length in float32, not half
@@ -127,6 +132,12 @@ class Teacher(InferenceModel):
             height, width = image.shape[:2]
             fov_deg = None if fov is None else fov[row]
             full = self.preprocess.restore(depth[row], height, width, fov_deg, size)
+            fov_value = None if fov_deg is None else float(fov_deg)
+            if skies is not None:
+                sky = skies[row]
+                sky = None if sky is None else torch.from_numpy(np.asarray(sky, dtype=bool)).to(full.device)
+                yield Prediction(None, fov_deg=fov_value, label=quantize_on_device(full, self.output, sky))
+                continue
             yield Prediction(
                 full.cpu().numpy().astype(np.float32, copy=False),
                 fov_deg=None if fov_deg is None else float(fov_deg),

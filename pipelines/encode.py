@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelers.device_label import QuantizedLabel
 from labelers.normalize import (
     METRIC_OUTPUTS,
     normalize_disparity,
@@ -130,6 +131,17 @@ def carried_metadata(extras: dict[str, bytes], notes: list[str] | None = None) -
     return {"input": value}
 
 
+def quantized(sample: Sample, kind: str | None) -> QuantizedLabel:
+    """The label on the host, from the float map: normalized (SPEC §5.4; ``kind`` says how to read
+    the teacher's output, None: ground truth, disparity already), quantized as disp.png stores it,
+    its percentiles over the pixels it was normalized on."""
+    label = (normalize_disparity(sample.raw, sample.sky, sample.valid) if kind is None
+             else normalize_output(sample.raw, kind, sample.sky, sample.valid))
+    values = quantize_disparity(label.disparity)
+    return QuantizedLabel(values, label.lo, label.hi, label.degenerate, label.output_lo, label.output_hi,
+                          percentiles(values, label.used, label.degenerate))
+
+
 def error_row(sample: Sample, models: dict) -> Encoded:
     return Encoded(sample.key, {}, {
         "key": sample.key, "source": sample.source, "status": "error", "error": sample.error,
@@ -147,19 +159,17 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         return error_row(sample, models)
     t0 = time.perf_counter()
     kind = models.get("teacher_output")
-    label = (normalize_disparity(sample.raw, sample.sky, sample.valid) if kind is None
-             else normalize_output(sample.raw, kind, sample.sky, sample.valid))
+    label = quantized(sample, kind) if sample.label is None else sample.label
     output_range = {"output_min": _finite(label.output_lo), "output_max": _finite(label.output_hi)}
     height, width = sample.height, sample.width
-    label_height, label_width = label.disparity.shape
+    label_height, label_width = label.values.shape
     sky_fraction = None if sample.sky is None else float(sample.sky.mean())
     valid = label_mask(sample)
     valid_fraction = None if valid is None else float(valid.mean())
     used = None if sample.sky is None else ~sample.sky
     if sample.valid is not None:
         used = sample.valid if used is None else used & sample.valid
-    values = quantize_disparity(label.disparity)
-    p05, p50, p95 = percentiles(values, used, label.degenerate)
+    p05, p50, p95 = label.percentiles
     confidence_mean = conf_mean(sample.confidence, used)
     meta = {
         "source": sample.source, "key": sample.key, "width": width, "height": height,
@@ -171,7 +181,7 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         **({} if valid is None else {"ground_truth": sample.ground_truth, "valid_fraction": valid_fraction}),
         **carried_metadata(sample.extras, sample.notes),
     }
-    members = {sample.image_ext: sample.image_bytes, DISP_MEMBER: disparity_values_png(values)}
+    members = {sample.image_ext: sample.image_bytes, DISP_MEMBER: disparity_values_png(label.values)}
     if sample.sky is not None:
         members[SKY_MEMBER] = mask_png(sample.sky)
     if valid is not None:

@@ -56,6 +56,7 @@ class Labelers:
     keep_depth: bool = False
     label_size: str | int = "image"   # storage.label_format.label_size's rule (job.json pins it)
     draft_decode: bool = False        # JPEGs decoded at the DCT scale the models need (decode_size)
+    device_labels: bool | None = None  # labels made on the teacher's device; None: on a GPU (labels_on_device)
 
     def __post_init__(self):
         if (self.teacher is None) == (self.ground_truth is None):
@@ -90,6 +91,14 @@ class Labelers:
     def device(self):
         """Where the models run (None: no model, a ground-truth conversion without sky)."""
         return next((m.device for m in (self.teacher, self.sky) if m is not None), None)
+
+    @property
+    def labels_on_device(self) -> bool:
+        """Whether the teacher makes the label where its output is (labelers.device_label): a
+        transformers teacher on a GPU, unless its metres are kept too (--keep-depth needs them)."""
+        if not isinstance(self.teacher, Teacher) or self.keep_depth:
+            return False
+        return self.device_labels if self.device_labels is not None else self.teacher.device.type == "cuda"
 
     def decode_size(self, height: int, width: int) -> tuple[int, int]:
         """The least (height, width) a height x width image must decode to: what each model sees."""
@@ -137,12 +146,15 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     sizes = {} if all(shape == s.image.shape[:2] for shape, s in zip(shapes, batch)) else {"sizes": shapes}
     masks = labelers.sky.masks(images, **sizes) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
+    if labelers.labels_on_device:
+        sizes["skies"] = masks
     predictions = labelers.teacher.predict(images, **sizes) if labelers.teacher else [None] * len(batch)
     t2 = time.perf_counter()
     for s, mask, prediction in zip(batch, masks, predictions):
         s.sky, s.image = mask, None   # the pixels are no longer needed
         if prediction is not None:
             s.raw, s.confidence, s.fov_deg = prediction.raw, prediction.confidence, prediction.fov_deg
+            s.label = prediction.label
         if labelers.sky:
             s.timings["sky"] = (t1 - t0) / len(batch)
         if labelers.teacher:
@@ -249,7 +261,7 @@ def label_samples(
             try:
                 return encode(sample, models, labelers.keep_depth)
             finally:
-                sample.image = sample.raw = sample.sky = sample.valid = sample.confidence = None
+                sample.image = sample.raw = sample.label = sample.sky = sample.valid = sample.confidence = None
                 budget.release(sample.held)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="codec") as pool:

@@ -23,7 +23,8 @@ class Sample:
     image: np.ndarray | None = None             # decoded RGB uint8 HxWx3, EXIF-oriented
     height: int | None = None                   # of the oriented image; kept after image is freed
     width: int | None = None
-    raw: np.ndarray | None = None               # teacher output at image size (float32)
+    raw: np.ndarray | None = None               # teacher output at the label's size (float32)
+    label: object | None = None                 # or the label made on the device (device_label.QuantizedLabel)
     confidence: np.ndarray | None = None        # the teacher's confidence, float32 HxW in [0, 1], if it gives one
     fov_deg: float | None = None                # the field of view the teacher predicts, if it does
     sky: np.ndarray | None = None               # bool HxW, True = sky
@@ -40,5 +41,5 @@ class Sample:
 
     def fail(self, reason: str) -> "Sample":
         self.error = reason
-        self.image = self.raw = self.sky = self.valid = self.confidence = None
+        self.image = self.raw = self.label = self.sky = self.valid = self.confidence = None
         return self

@@ -90,3 +90,27 @@ def test_one_actor_per_gpu():
         assert lay.codec_threads == max(4, 2 // gpus)
     finally:
         ray.shutdown()
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["disparity", "depth", "inverse_depth"])
+def test_the_label_made_on_cuda_is_the_hosts_bit_for_bit(kind):
+    from test_device_label import _maps, assert_same, host
+
+    from engine.bench.stand_in import sky_mask
+    from labelers.device_label import quantize_on_device
+
+    raw, sky = _maps(kind, (518, 777)), sky_mask(518, 777)
+    device = quantize_on_device(torch.from_numpy(raw).cuda(), kind, torch.from_numpy(sky).cuda())
+    assert_same(device, host(raw, kind, sky))
+
+
+@cuda
+def test_a_cuda_teacher_makes_its_labels_on_the_device(tiny_models):
+    images = list(natural_photos().values())
+    on_gpu = Labelers(Teacher.load(tiny_models.teacher, device="cuda", dtype="fp32"),
+                      SkySegmenter.load(tiny_models.sky, device="cuda", dtype="fp32"))
+    assert on_gpu.labels_on_device
+    batch = samples(images)
+    label_batch(batch, on_gpu)
+    assert all(s.raw is None and s.label.values.dtype == np.uint16 for s in batch)
