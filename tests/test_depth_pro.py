@@ -118,7 +118,7 @@ def test_label_keep_depth_and_intrinsics_on_ray_are_depth_pros_own(tmp_path, dep
     write_shard(tmp_path / "shard-000000.tar", samples)
     out = tmp_path / "out"
     summary = json.loads(run("label", str(tmp_path / "shard-000000.tar"), str(out), "--teacher", depth_pro,
-                             "--sky", "none", "--workers", "1", "--batch-size", "4", "--keep-depth", "--json",
+                             "--sky", "none", "--workers", "1", "--batch-size", "4", "--keep-depth", "--label-size", "image", "--json",
                              check=0).stdout)
     assert (summary["samples_ok"], summary["samples_error"]) == (len(samples), 0)
     label = json.loads((out / "job.json").read_text())["label"]

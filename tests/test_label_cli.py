@@ -22,6 +22,7 @@ from helpers_cli import offline_cache, run  # noqa: F401 - autouse: offline, a p
 from PIL import Image
 
 from engine.models import resolve
+from storage.label_format import label_row_shape
 
 
 def make_inputs(directory: Path) -> list[str]:
@@ -39,7 +40,7 @@ def sha256(path: Path) -> str:
 
 
 def check_output_shards(tars: dict[str, bytes], table) -> None:
-    """Every ok row's sample is in its tar with label members of the image's size."""
+    """Every ok row's sample is in its tar with label members of its manifest label size."""
     rows = table.to_pylist()
     by_shard: dict[str, dict] = {}
     for name, blob in tars.items():
@@ -55,8 +56,8 @@ def check_output_shards(tars: dict[str, bytes], table) -> None:
         s = got[r["key"]]
         disp = np.asarray(Image.open(io.BytesIO(s["disp.png"])))
         sky = np.asarray(Image.open(io.BytesIO(s["sky.png"])))
-        assert disp.dtype == np.uint16 and disp.shape == (r["height"], r["width"])
-        assert sky.dtype == np.uint8 and set(np.unique(sky)) <= {0, 255}
+        assert disp.dtype == np.uint16 and disp.shape == label_row_shape(r)
+        assert sky.dtype == np.uint8 and sky.shape == disp.shape and set(np.unique(sky)) <= {0, 255}
         assert json.loads(s["json"])["teacher"] == r["teacher"]
 
 

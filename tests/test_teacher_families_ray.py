@@ -81,7 +81,7 @@ def test_family_labels_on_ray_are_the_pipeline_output_as_disparity(tmp_path, sha
     _, flag, kind = FAMILIES[family]
     teacher = _save(family, tmp_path / family)
     out = tmp_path / "out"
-    summary = json.loads(run("label", f"{raw_dir}/", str(out), "--teacher", teacher, "--sky", "none",
+    summary = json.loads(run("label", f"{raw_dir}/", str(out), "--teacher", teacher, "--sky", "none", "--label-size", "image",
                              "--workers", "1", "--batch-size", "4", *flag, "--json", check=0).stdout)
     assert (summary["samples_ok"], summary["samples_error"]) == (len(samples), 0)
     assert json.loads((out / "job.json").read_text())["label"]["teacher_output"] == kind

@@ -70,7 +70,8 @@ def test_plugin_labels_a_shard_on_ray_with_its_confidence_and_field_of_view(site
     out = tmp_path / "out"
     teacher = f"plugin:tiny:{weights}"
     summary = json.loads(run("label", f"{tmp_path / 'raw'}/", str(out), "--teacher", teacher, "--sky", "none",
-                             "--workers", "1", "--batch-size", "4", "--keep-depth", "--json", check=0).stdout)
+                             "--workers", "1", "--batch-size", "4", "--keep-depth", "--label-size", "image", "--json",
+                             check=0).stdout)
     assert (summary["samples_ok"], summary["samples_error"]) == (len(samples), 0)
 
     label = json.loads((out / "job.json").read_text())["label"]
