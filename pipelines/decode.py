@@ -178,7 +178,7 @@ def decode_reduced(data: bytes, limits: SampleLimits = SampleLimits(),
             drafted = img.size != stored
             img.load()
             _check_jpeg_fill(img)
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)   # in place: no copy of an upright image
             rgb = to_rgb(img)
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None

@@ -125,6 +125,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
     from engine.bench.codecs import codec_figures
     from engine.bench.pools import pool_figures
     from engine.bench.stand_in import StandInSky, StandInTeacher, image_map, sky_mask
+    from engine.runtime.allocator import keep_freed_buffers
     from pipelines.decode import decode, sample_from_members
     from pipelines.encode import encode, percentiles
     from pipelines.pseudo_label import Labelers, label_shard
@@ -134,6 +135,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
     from storage.shards import iter_tar_samples
     from storage.stores import open_store
 
+    keep_freed_buffers()   # as a labeler actor does (engine.runtime.allocator)
     sizes = sizes or PHOTO_SIZES
     out = {"rate": rate, "images": images, "threads": threads, "batch_size": batch_size,
            "repeats": repeats, "cores": os.cpu_count(), "sizes": {}}

@@ -18,6 +18,7 @@ import ray
 
 from engine.models import resolve
 from engine.runtime import preemption
+from engine.runtime.allocator import keep_freed_buffers
 from engine.runtime.attempt import Attempt
 from labelers import plugins
 from labelers.devices import GpuSampler
@@ -121,6 +122,7 @@ class _Worker:
         self.device = device
         self.live = Progress()
         preemption.install()        # SIGTERM: give the shard up at once (runs on the main thread)
+        keep_freed_buffers()        # each image's large buffers reused, not faulted in again
 
     def ready(self) -> str:
         return self.name
