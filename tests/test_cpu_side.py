@@ -85,8 +85,25 @@ def test_stand_in_rate_bench_reports_cpu_side_per_size(tmp_path, capsys):
         assert len(f["variants"]) == 3 and f["pools"]["threads"] > 0 and f["pools"]["processes"] > 0
         for codecs in f["codecs"].values():    # every encoder measured reads back exactly
             assert len(codecs) >= 8 and all(c["bit_exact"] and c["bytes_per_pixel"] > 0 for c in codecs.values())
+        assert set(f["draft_effect"]) == {"draft vs full decode (engine resize)", "engine vs PIL resize (full decode)"}
     print_report(r)
     out = capsys.readouterr().out
-    assert "stand-in accelerator at 300 images/s" in out and "cores/GPU" in out
+    assert "stand-in accelerator at 300 images/s" in out and "cores/GPU" in out and "grey levels" in out
     bad = run("bench", "--stand-in-rate", "-1", "--workdir", str(tmp_path), check=2)
     assert "--stand-in-rate" in bad.stderr
+
+
+def test_draft_effect_is_measured_against_pil_and_is_zero_where_no_draft_applies():
+    """The teacher-input comparison behind --draft-decode's default: at 2250x1500 the 1/2-scale
+    decode moves the input by whole grey levels (past the ~1 level of the engine's resize against
+    PIL's, the independent reference), at 816x1224 no draft applies and nothing moves. Seen
+    failing once on purpose by comparing the draft against itself (max 0)."""
+    from engine.bench.cpu_side import _jpeg, photo
+    from engine.bench.draft_effect import draft_effect
+
+    big = draft_effect([_jpeg(photo(1500, 2250, 0))])
+    draft, noise = big["draft vs full decode (engine resize)"], big["engine vs PIL resize (full decode)"]
+    assert noise["max_abs"] <= 1 and noise["pearson"] > 0.99999
+    assert draft["max_abs"] > 2 and draft["mean_abs"] > 0.1 and 0.99 < draft["pearson"] < 0.99995
+    small = draft_effect([_jpeg(photo(816, 1224, 0))])["draft vs full decode (engine resize)"]
+    assert small == {"max_abs": 0.0, "mean_abs": 0.0, "pearson": 1.0}

@@ -123,6 +123,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
     import os
 
     from engine.bench.codecs import codec_figures
+    from engine.bench.draft_effect import draft_effect
     from engine.bench.pools import pool_figures
     from engine.bench.stand_in import StandInSky, StandInTeacher, image_map, sky_mask
     from engine.runtime.allocator import keep_freed_buffers
@@ -178,6 +179,7 @@ def cpu_side_figures(root: Path, *, rate: float = GOAL_RATE, sizes: dict | None 
                                                                              sky_mask(h, w)).disparity), repeats)
             for h, w in dict.fromkeys([(height, width), small])}
 
+        fig["draft_effect"] = draft_effect(jpegs[:4])
         fig["pools"] = pool_figures(members, image_map(height, width, *small), sky_mask(*small))
         fig["variants"] = {}
         for n, variant in enumerate(variants()):
@@ -220,6 +222,9 @@ def print_cpu_side(c: dict) -> None:
             print(f"  16-bit PNG encoders on the {grid} label: " + "; ".join(
                 f"{k} {v['cpu_ms']:.1f} ms {v['bytes_per_pixel']} B/px{'' if v['bit_exact'] else ' NOT EXACT'}"
                 for k, v in codecs.items()))
+        for comparison, e in f.get("draft_effect", {}).items():
+            print(f"  teacher input, {comparison}: max |diff| {e['max_abs']:g} grey levels, "
+                  f"mean {e['mean_abs']:g}, Pearson {e['pearson']:.6f}")
         p = f["pools"]
         print(f"  decode + encode at teacher size, images/s: 1 thread {p['one_thread']:.1f}, "
               f"{p['workers']} threads {p['threads']:.1f}, {p['workers']} processes {p['processes']:.1f}")
