@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from labelers.normalize import DEPTH, DISPARITY, RELATIVE_RANGE_EPS, TEACHER_OUTPUTS
-from storage.label_format import DISP_LEVELS
 
 PERCENTILES = (5.0, 50.0, 95.0)
 
@@ -51,9 +50,12 @@ def _range(x: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def quantize_on_device(raw: torch.Tensor, output: str, sky: torch.Tensor | None = None) -> QuantizedLabel:
+def quantize_on_device(raw: torch.Tensor, output: str, sky: torch.Tensor | None = None, *,
+                       levels: int) -> QuantizedLabel:
     """raw: the teacher's float32 HxW output at the label's size, on any device; sky: bool HxW
-    there too (True = sky). What the host would store and write in the row, computed there."""
+    there too (True = sky); levels: the stored label's top value (the label format's, given by
+    the pipeline: labelers do not know the format). What the host would store and write in the
+    row, computed there."""
     if raw.ndim != 2:
         raise ValueError(f"raw output must be HxW, got shape {tuple(raw.shape)}")
     raw = raw.float()
@@ -74,13 +76,13 @@ def quantize_on_device(raw: torch.Tensor, output: str, sky: torch.Tensor | None 
         return QuantizedLabel(zeros, lo, hi, True, output_lo, output_hi, [None, None, None])
     d = ((disparity.double() - lo) / span).clamp_(0.0, 1.0).float()
     d = torch.where(used, d, torch.zeros_like(d))
-    values = torch.round(d * float(DISP_LEVELS)).to(torch.int32)
-    stats = _percentiles(values[used])
+    values = torch.round(d * float(levels)).to(torch.int32)
+    stats = _percentiles(values[used], levels)
     return QuantizedLabel(values.to(torch.uint16).cpu().numpy(), lo, hi, False, output_lo, output_hi, stats)
 
 
-def _percentiles(v: torch.Tensor) -> list[float | None]:
-    """numpy's linear-interpolation percentiles of ``v`` / 65535: the two order statistics around
+def _percentiles(v: torch.Tensor, levels: int) -> list[float | None]:
+    """numpy's linear-interpolation percentiles of ``v`` / levels: the two order statistics around
     each virtual index are found on the device, the interpolation done on the host."""
     n = v.numel()
     ordered = torch.sort(v).values
@@ -92,5 +94,5 @@ def _percentiles(v: torch.Tensor) -> list[float | None]:
         a, b = (float(x) for x in ordered[[below, above]].cpu())
         t = index - below
         value = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)   # numpy's _lerp
-        out.append(value / DISP_LEVELS)
+        out.append(value / levels)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,17 +115,21 @@ class Teacher(InferenceModel):
         return cls(name or str(source), preprocess, loaded.device, loaded.dtype, loaded.model, output=output)
 
     def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None,
-                skies: Sequence[np.ndarray | None] | None = None) -> list[Prediction]:
+                skies: Sequence[np.ndarray | None] | None = None, levels: int | None = None) -> list[Prediction]:
         """The model's own output (raw float32 HxW, each image's own size, or its ``sizes`` entry:
         the label's; ``output`` says which kind) for uint8 HxWx3 RGB images, with the field of
         view where the model predicts one (Depth Pro with its fov model). Batches as
         InferenceModel.run: ZoeDepth's reflect padding is the image's own, nothing else is padded.
 
         With ``skies`` (each image's sky mask at its label size, or None without a sky model) the
-        label is made on the model's device (labelers.device_label) and only it comes back."""
-        return self.run(images, self._restore, sizes, skies)
+        label is made on the model's device (labelers.device_label), quantized to ``levels``, and
+        only it comes back."""
+        if skies is not None and not levels:
+            raise ValueError("a label made on the device needs the label format's levels")
+        return self.run(images, partial(self._restore, levels=levels), sizes, skies)
 
-    def _restore(self, outputs, batch: list, sizes: list, skies: list | None = None) -> Iterator[Prediction]:
+    def _restore(self, outputs, batch: list, sizes: list, skies: list | None = None, *,
+                 levels: int | None = None) -> Iterator[Prediction]:
         depth = outputs.predicted_depth.float()
         fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
         fov = None if fov is None else fov.float()  # the focal length in float32, not half
@@ -136,7 +141,7 @@ class Teacher(InferenceModel):
             if skies is not None:
                 sky = skies[row]
                 sky = None if sky is None else torch.from_numpy(np.asarray(sky, dtype=bool)).to(full.device)
-                yield Prediction(None, fov_deg=fov_value, label=quantize_on_device(full, self.output, sky))
+                yield Prediction(None, fov_deg=fov_value, label=quantize_on_device(full, self.output, sky, levels=levels))
                 continue
             yield Prediction(
                 full.cpu().numpy().astype(np.float32, copy=False),

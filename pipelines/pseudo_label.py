@@ -35,7 +35,7 @@ from pipelines.encode import Encoded, encode
 from pipelines.sample import Sample
 from pipelines.tasks import Progress, ShardTask
 from storage.commit import ClaimPolicy
-from storage.label_format import label_size, parse_label_size
+from storage.label_format import DISP_LEVELS, label_size, parse_label_size
 from storage.objectstore import ObjectStore
 from storage.shards import iter_tar_samples
 from storage.sink import ShardSink
@@ -147,7 +147,7 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     masks = labelers.sky.masks(images, **sizes) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
     if labelers.labels_on_device:
-        sizes["skies"] = masks
+        sizes.update(skies=masks, levels=DISP_LEVELS)
     predictions = labelers.teacher.predict(images, **sizes) if labelers.teacher else [None] * len(batch)
     t2 = time.perf_counter()
     for s, mask, prediction in zip(batch, masks, predictions):

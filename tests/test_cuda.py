@@ -99,9 +99,11 @@ def test_the_label_made_on_cuda_is_the_hosts_bit_for_bit(kind):
 
     from engine.bench.stand_in import sky_mask
     from labelers.device_label import quantize_on_device
+    from storage.label_format import DISP_LEVELS
 
     raw, sky = _maps(kind, (518, 777)), sky_mask(518, 777)
-    device = quantize_on_device(torch.from_numpy(raw).cuda(), kind, torch.from_numpy(sky).cuda())
+    device = quantize_on_device(torch.from_numpy(raw).cuda(), kind, torch.from_numpy(sky).cuda(),
+                                levels=DISP_LEVELS)
     assert_same(device, host(raw, kind, sky))
 
 

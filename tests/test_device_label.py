@@ -21,6 +21,7 @@ from pipelines.encode import quantized
 from pipelines.pseudo_label import Labelers, label_shard
 from pipelines.sample import Sample
 from pipelines.tasks import ShardTask
+from storage.label_format import DISP_LEVELS
 from storage.stores import open_store
 
 RNG = np.random.default_rng(5)
@@ -57,7 +58,8 @@ def assert_same(device, want) -> None:
 def test_the_device_label_is_the_hosts_bit_for_bit(kind, shape, with_sky):
     raw = _maps(kind, shape)
     sky = sky_mask(*shape) if with_sky else None
-    device = quantize_on_device(torch.from_numpy(raw), kind, None if sky is None else torch.from_numpy(sky))
+    device = quantize_on_device(torch.from_numpy(raw), kind, None if sky is None else torch.from_numpy(sky),
+                                levels=DISP_LEVELS)
     assert_same(device, host(raw, kind, sky))
 
 
@@ -65,12 +67,13 @@ def test_degenerate_and_empty_labels_agree():
     flat = np.full((30, 40), 2.5, np.float32)
     all_sky = np.ones((30, 40), bool)
     for raw, sky in ((flat, None), (flat, all_sky), (np.full((30, 40), np.nan, np.float32), None)):
-        device = quantize_on_device(torch.from_numpy(raw), "disparity", None if sky is None else torch.from_numpy(sky))
+        device = quantize_on_device(torch.from_numpy(raw), "disparity", None if sky is None else torch.from_numpy(sky),
+                                    levels=DISP_LEVELS)
         want = host(raw, "disparity", sky)
         assert device.degenerate and want.degenerate and not device.values.any()
         assert_same(device, want)
     with pytest.raises(ValueError, match="sky mask shape"):
-        quantize_on_device(torch.zeros(4, 5), "disparity", torch.zeros(5, 4, dtype=torch.bool))
+        quantize_on_device(torch.zeros(4, 5), "disparity", torch.zeros(5, 4, dtype=torch.bool), levels=DISP_LEVELS)
 
 
 def _members(store_root) -> dict:

@@ -103,9 +103,9 @@ def build_parser() -> Parser:
                           "side capped at N pixels; job.json pins it, and a rerun without it keeps the OUTPUT's")
     lab.add_argument("--draft-decode", action="store_true",
                      help="decode each JPEG in the DCT domain at the smallest 1/2, 1/4 or 1/8 scale that still "
-                          "covers the models' input (1.6x faster decode at 3.4 MP, 3x at 12 MP); the models' "
-                          "input moves by up to ~10 grey levels, so labels differ beyond float noise: off by "
-                          "default; job.json pins it")
+                          "covers the models' input (1.6x faster decode at 3.4 MP, 1.7x at 12 MP); the models' "
+                          "input moves by up to ~14 grey levels, past the processor path's own 1, so labels "
+                          "differ beyond float noise: off by default; job.json pins it")
     lab.add_argument("--dry-run", action="store_true",
                      help="write nothing: say the shards and images pending, the rate, and the job's projected "
                           "wall time, worker-hours, output bytes, S3 requests and cost")
