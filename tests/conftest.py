@@ -200,7 +200,7 @@ def tiny_models(tmp_path_factory) -> TinyModels:
 # The files that take a minute or more, slowest first, run before the rest: pytest-xdist hands
 # whole files (--dist loadfile) to whichever process is free, in collection order, so a slow
 # file left for the end would run there alone while the other process idles.
-SLOW_FIRST = ("test_compare.py", "test_cluster.py", "test_bench.py", "test_convert_evaluate_cli.py",
+SLOW_FIRST = ("test_label_size.py", "test_compare.py", "test_cluster.py", "test_bench.py", "test_convert_evaluate_cli.py",
               "test_label_cli.py", "test_teacher_output.py", "test_verify.py", "test_repair.py",
               "test_preemption.py", "test_train_ray.py", "test_teacher_families_ray.py", "test_chaos.py",
               "test_train_student.py", "test_student_loader.py", "test_keep_depth.py", "test_dry_run.py")

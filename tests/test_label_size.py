@@ -154,7 +154,8 @@ def test_label_size_outputs_through_verify_resume_compare_evaluate_and_the_loade
     outs = {}
     for rule in ("image", "64", "teacher"):
         out = tmp_path / f"out-{rule}"
-        summary = json.loads(run("label", inputs, str(out), *base, "--label-size", rule, check=0).stdout)
+        flag = [] if rule == "teacher" else ["--label-size", rule]   # a new OUTPUT's default: the teacher's
+        summary = json.loads(run("label", inputs, str(out), *base, *flag, check=0).stdout)
         assert summary["samples_ok"] == 4, summary
         outs[rule] = out
         doc = json.loads((out / "job.json").read_text())
@@ -172,11 +173,9 @@ def test_label_size_outputs_through_verify_resume_compare_evaluate_and_the_loade
     assert again["shards_skipped"] == 1 and again["shards_committed"] == 0
     refused = run("label", inputs, str(outs["64"]), *base, "--label-size", "image", check=2)
     assert "label_size" in refused.stderr and "Traceback" not in refused.stderr
-    # Without --label-size: a rerun keeps the OUTPUT's size; a new OUTPUT gets the teacher's.
+    # Without --label-size a rerun keeps the OUTPUT's size (a new OUTPUT got the teacher's, above).
     kept = json.loads(run("label", inputs, str(outs["64"]), *base, check=0).stdout)
     assert kept["shards_skipped"] == 1 and kept["shards_committed"] == 0
-    run("label", inputs, str(tmp_path / "out-default"), *base, check=0)
-    assert json.loads((tmp_path / "out-default" / "job.json").read_text())["label"]["label_size"] == "teacher"
     # repair: the photo fixed since is relabeled at the OUTPUT's label size.
     _gt_shard(tmp_path / "in", broken=False)
     repaired = json.loads(run("label", inputs, str(outs["64"]), *base, "--label-size", "64", "--repair-errors",
