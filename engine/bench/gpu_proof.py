@@ -91,7 +91,10 @@ def cuda_tests() -> dict:
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_cuda.py"],
                        cwd=REPO, capture_output=True, text=True)
     out = p.stdout + p.stderr
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out.splitlines()[-1] if out else "")}
+    # The summary is stdout's last "... in 1.23s" line: a plugin may warn on stderr after it.
+    summary = ([line for line in p.stdout.splitlines() if re.search(r"\bin [\d.]+s\b", line)] or [""])[-1]
+    counts = {k.rstrip("s") if k.startswith("error") else k: int(n)
+              for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
     return {"ran": True, "exit_code": p.returncode, **counts,
             "passed_tests": re.findall(r"^PASSED (\S+)", out, re.M),
             "failed_tests": re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M), "tail": out[-2000:]}
