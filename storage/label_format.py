@@ -24,6 +24,9 @@ JSON_MEMBER = "json"         # the sample's metadata
 # The engine's own members: an input member of one of these names is replaced, never carried.
 # depth.png is not one: an input's ground truth is carried unless --keep-depth writes the teacher's.
 RESERVED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER, JSON_MEMBER)
+# Every member the engine itself may write beside a sample's own: an input key is accepted only if
+# `<key>.<each of these>` is a name the writer takes (storage.shards), so no legal input fails at write.
+WRITTEN = (*RESERVED, DEPTH_MEMBER)
 # The label PNGs, all at the sample's label size (manifest label_width x label_height): the image's
 # own (after EXIF orientation) unless job.json's label.label_size says otherwise (label_size()).
 LABEL_SIZED = (DISP_MEMBER, SKY_MEMBER, VALID_MEMBER, CONF_MEMBER)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from storage.label_format import IMAGE_EXTENSIONS
+from storage.label_format import IMAGE_EXTENSIONS, WRITTEN
 from storage.names import check_member_name, escape_key, quote_name
 from storage.tarstream import BLOCK, ShardFormatError, tar_members
 
@@ -107,6 +107,8 @@ def _refusal(info: tarfile.TarInfo, key: str, ext: str, limit: int) -> str | Non
     problem = check_member_name(info.name) or check_member_name(key)
     if problem:
         return f"member {name} has an unsafe name ({problem})"
+    if problem := _unwritable(key):
+        return f"member {name} has a key the output cannot carry ({problem})"
     if not ext or ext.startswith("__"):
         return f"member {name} has an empty or reserved extension"
     if info.type in _NOT_READ:
@@ -118,6 +120,14 @@ def _refusal(info: tarfile.TarInfo, key: str, ext: str, limit: int) -> str | Non
     if info.size > limit:
         return f"member {name} is {info.size} bytes, over the {limit}-byte limit; not read"
     return None
+
+
+def _unwritable(key: str) -> str | None:
+    """Why a label member of this key would be a name the writer refuses (a key of up to 255
+    bytes is legal on its own, but `<key>.depth.png` may not be), else None."""
+    longest = max(WRITTEN, key=len)
+    problem = check_member_name(f"{key}.{longest}")
+    return None if problem is None else f"{quote_name(key + '.' + longest)}: {problem}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from storage.names import quote_name
 
 BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(BLOCK)
 _MAX_HEADER_BYTES = 2**20  # a pax or GNU long-name header's data (names are at most 1 KiB)
 _MAX_HEADER_CHAIN = 8  # extended headers before one member (GNU + pax use 2 to 4)
 _READ_CHUNK = 2**20
@@ -93,7 +94,9 @@ class _Decompressed(io.RawIOBase):
     """The tar bytes of a plain, gzip, bzip2 or xz stream, never more per read than asked for.
 
     tarfile's own stream decompresses each 10 KiB it reads whole, and 10 KiB of bzip2 can hold
-    gigabytes. Only the decompressor's errors become ShardFormatError; the source's stay its own.
+    gigabytes. Streams concatenated (multi-member gzip, pbzip2's or parallel xz's many streams)
+    are read on, as GNU tar does; zero padding after the last is allowed, anything else is damage.
+    Only the decompressor's errors become ShardFormatError; the source's stay its own.
     """
 
     def __init__(self, source: BinaryIO) -> None:
@@ -101,8 +104,9 @@ class _Decompressed(io.RawIOBase):
         self._source, self._pending = source, b""
         while len(self._pending) < 6 and (more := source.read(6 - len(self._pending))):
             self._pending += more
-        self._kind, self._d = next(((kind, make()) for magic, kind, make in _DECOMPRESSORS
-                                    if self._pending.startswith(magic)), (None, None))
+        self._magic, self._kind, self._make = next((c for c in _DECOMPRESSORS if self._pending.startswith(c[0])),
+                                                   (b"", None, None))
+        self._d = self._make() if self._make else None
 
     def readable(self) -> bool:
         return True
@@ -113,8 +117,10 @@ class _Decompressed(io.RawIOBase):
             if self._d is None:  # plain tar
                 data = self._pending[: len(view)] or self._source.read(len(view))
                 self._pending = self._pending[len(data):]
-            elif self._d.eof:  # what follows a compressed stream is ignored, as tarfile does
-                return 0
+            elif self._d.eof:
+                if not self._next_stream():
+                    return 0
+                continue
             else:
                 try:
                     data = self._d.decompress(self._pending, len(view))
@@ -128,6 +134,20 @@ class _Decompressed(io.RawIOBase):
                     continue
             view[: len(data)] = data
             return len(data)
+
+    def _next_stream(self) -> bool:
+        """After one compressed stream ends: start the next (True), or find the end (False)."""
+        rest = self._d.unused_data
+        while len(rest) < len(self._magic) and (more := self._source.read(_READ_CHUNK)):
+            rest += more
+        if rest.startswith(self._magic):
+            self._d, self._pending = self._make(), rest
+            return True
+        while rest:
+            if rest.strip(b"\0"):
+                raise ShardFormatError(f"unreadable tar: what follows a {self._kind} stream is not {self._kind} data")
+            rest = self._source.read(_READ_CHUNK)
+        return False
 
 
 class _Tail(io.RawIOBase):
@@ -178,10 +198,24 @@ class _Header(tarfile.TarInfo):
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        """The next member's header. Zero blocks before it are skipped up to the stream's end:
+        tarfile stops at the first one, which loses every member after a lone zero block or in a
+        second archive appended to the first (`cat a.tar b.tar`, which GNU tar reads with -i).
+        Only the stream's end ends the tar; what follows a zero block must be a valid header."""
+        buf = tar.fileobj.read(BLOCK)
+        if buf == _ZERO_BLOCK and tar.__dict__.get("_header_chain", 0):
+            raise ShardFormatError("damaged tar: an extended header is followed by the end of the archive")
+        zeros = 0
+        while buf == _ZERO_BLOCK:
+            buf, zeros = tar.fileobj.read(BLOCK), zeros + 1
+        if not buf and zeros:   # the end of a tar that had its end-of-archive block
+            raise tarfile.EOFHeaderError("end of file header")
         try:
-            return super().fromtarfile(tar)
+            obj = cls.frombuf(buf, tar.encoding, tar.errors)   # b"": EmptyHeaderError, an empty stream
+            obj.offset = tar.fileobj.tell() - BLOCK
+            return obj._proc_member(tar)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
-            raise ShardFormatError(f"damaged tar: {e} (header at byte {tar.offset})") from None
+            raise ShardFormatError(f"damaged tar: {e} (header at byte {tar.fileobj.tell() - len(buf)})") from None
 
     def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type not in _EXTENDED:

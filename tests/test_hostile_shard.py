@@ -21,12 +21,12 @@ from test_hostile_images import cut_jpeg
 from engine.bench.synthetic import lying_jpeg, scene, sparse_member, tar_member
 
 LIMITS = ["--max-image-pixels", "200000", "--max-member-bytes", "300000"]
-OK = {"good0", "good1", "good2", "deepjson", "nanjson"}
+OK = {"good0", "good1", "good2", "good3", "deepjson", "nanjson"}
 # key in the manifest -> a fragment of its reason
 REFUSED = {
     "lying": "truncated JPEG", "cut": "grey fill", "big": "exceeds --max-image-pixels",
     "thin": "exceeds --max-aspect", "link": "symbolic link", "sparse": "sparse",
-    "huge": "300000", "noimage": "no image member",
+    "huge": "300000", "noimage": "no image member", "k" * 247: "cannot carry",
 }
 ESCAPED = {"../../evil": "..", "/tmp/abs": "absolute", "caf\udce9": "UTF-8"}
 
@@ -45,6 +45,8 @@ def hostile_tar() -> bytes:
         tar_member("cut.jpg", cut_jpeg(96, 128)),
         tar_member("big.jpg", encode(scene(400, 600, 1), "JPEG", quality=80)),
         tar_member("thin.png", encode(scene(10, 400, 1), "PNG")),
+        bytes(512),                                            # a lone zero block: the tar goes on
+        tar_member("k" * 247 + ".jpg", photo(10)),             # a legal name; its labels' would not be
         symlink("link.jpg", "good0.jpg"),
         tar_member("good1.jpg", photo(1)),
         tar_member("sparse.jpg", photo(2)), sparse_member("sparse.bin"),
@@ -56,6 +58,7 @@ def hostile_tar() -> bytes:
         tar_member("deepjson.jpg", photo(7)), tar_member("deepjson.json", b"[" * 100_000 + b"]" * 100_000),
         tar_member("nanjson.jpg", photo(8)), tar_member("nanjson.json", b'{"score": NaN, "n": 1}'),
         tar_member("good2.jpg", photo(9)),
+        bytes(1024), tar_member("good3.jpg", photo(11)),     # a second archive after the first (cat a b)
     ]
     return b"".join(parts) + bytes(1024)
 

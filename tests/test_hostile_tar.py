@@ -323,6 +323,10 @@ def test_compressed_shards_read_whole_and_their_damage_is_found():
             read_all(packed[: len(packed) // 2])
         with pytest.raises(ShardFormatError, match="end-of-archive"):  # whole stream, tar cut after 'a'
             read_all(compress(tar[: BLOCK + 3072]))
+        cut = 1500                      # one tar compressed in two pieces (pigz, pbzip2, xz -T)
+        assert read_all(compress(tar[:cut]) + compress(tar[cut:]) + bytes(100)) == read_all(tar)
+        with pytest.raises(ShardFormatError, match="what follows a .* stream"):
+            read_all(packed + b"junk")
     bad_crc = bytearray(gzip.compress(tar))
     bad_crc[-8] ^= 1
     with pytest.raises(ShardFormatError, match="invalid gzip data"):
@@ -446,6 +450,51 @@ def test_extended_headers_are_bounded():
     long = "d/" + "k" * 200  # a GNU long name, after a pax path: both still read
     ok = pax_header(pax_record("path", b"dir/pax.jpg")) + entries([member("p.jpg", b"P"), member(long + ".jpg", b"L")])
     assert read_all(ok + END) == [{"__key__": "dir/pax", "jpg": b"P"}, {"__key__": long, "jpg": b"L"}]
+
+
+def _keys_by_gnu_tar_rules(tar: bytes) -> list[str]:
+    """The member keys an independent reader finds: tarfile reading on past zero blocks (GNU tar -i)."""
+    with tarfile.open(fileobj=io.BytesIO(tar), ignore_zeros=True) as t:
+        return list(dict.fromkeys(m.name.split(".", 1)[0] for m in t.getmembers()))
+
+
+@pytest.mark.parametrize("layout", ["lone-zero-block", "concatenated", "concatenated-gzip"])
+def test_every_key_after_a_zero_block_or_a_second_archive_is_read(layout):
+    """tarfile stops at the first zero block: the keys after a lone one, or in a second archive
+    appended to the first (`cat a.tar b.tar`), had no row and no error."""
+    first, second = [member("a.jpg", b"A"), member("b.jpg", b"B")], [member("c.jpg", b"C"), member("d.jpg", b"D")]
+    if layout == "lone-zero-block":
+        tar = entries(first) + bytes(BLOCK) + entries(second) + END
+    else:
+        tar = build(first) + build(second)
+    assert _keys_by_gnu_tar_rules(tar) == ["a", "b", "c", "d"]
+    if layout == "concatenated-gzip":   # each archive compressed on its own, then concatenated
+        tar = gzip.compress(build(first)) + gzip.compress(build(second))
+    assert [s["__key__"] for s in read_all(tar)] == ["a", "b", "c", "d"]
+
+
+def test_only_the_stream_end_ends_a_tar():
+    """What follows a zero block is a header or the stream's end; an empty tar is still empty."""
+    assert read_all(END) == [] and read_all(bytes(BLOCK)) == []
+    junk = entries([member("a.jpg", b"A")]) + END + b"\x01" * BLOCK
+    with pytest.raises(ShardFormatError, match="damaged tar: invalid header"):
+        read_all(junk)
+    dangling = entries([member("a.jpg", b"A")]) + pax_header(pax_record("path", b"b.jpg")) + END
+    with pytest.raises(ShardFormatError, match="extended header is followed by the end"):
+        read_all(dangling)
+
+
+def test_a_key_the_output_cannot_carry_is_an_error_row_not_a_failed_shard():
+    """A 255-byte segment is a legal input name, but `<key>.depth.png` would not be: the sample is
+    refused on reading, never at write (where it failed the whole shard on every attempt)."""
+    longest = "k" * (255 - len(".depth.png"))
+    tar = build([member("a.jpg", b"A"), member("k" * 247 + ".jpg", b"K"), member(longest + ".jpg", b"L"),
+                 member("z.jpg", b"Z")])
+    got = read_all(tar)
+    assert [s["__key__"] for s in got] == ["a", "k" * 247, longest, "z"]
+    assert "cannot carry" in got[1]["__error__"] and "over 255 bytes" in got[1]["__error__"]
+    assert got[2] == {"__key__": longest, "jpg": b"L"}     # the longest key the output can carry
+    assert "__error__" not in got[0] and "__error__" not in got[3]
 
 
 # ---------------------------------------------------------------- fuzz
