@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 
 from braceexpand import braceexpand
 
@@ -19,7 +20,9 @@ from storage import layout
 from storage.objectstore import InvalidURL, is_s3, local_path
 from storage.stores import locate, open_store
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+# Tars in the compressions GNU tar knows that the reader does not take (a .tar.md5 is not one).
+_OTHER_TAR = re.compile(r"\.(tar\.(zst|zstd|lz4|lz|lzma|lzo|z|br|sz)|tzst|tlz|tlz4|taz|tz)$", re.IGNORECASE)
 
 
 class InputError(ValueError):
@@ -79,8 +82,15 @@ def _local(path: str) -> str:
 
 
 def _tars_below(prefix: str) -> list[str]:
+    """Every tar below the prefix; a tar in a compression the reader does not take is refused,
+    not left out (a directory of .tar.zst shards would otherwise be a job of none of them)."""
     store = open_store(prefix if prefix.endswith("/") else prefix + "/")
-    return [store.url_of(o.key) for o in store.list() if o.key.lower().endswith(TAR_SUFFIXES)]
+    keys = [o.key for o in store.list()]
+    if unread := [k for k in keys if _OTHER_TAR.search(k) and not k.lower().endswith(layout.TAR_SUFFIXES)]:
+        raise InputError(f"INPUT: {len(unread)} tar(s) in a compression the reader does not take, e.g. "
+                         f"{store.url_of(unread[0])} (it reads {', '.join(layout.TAR_SUFFIXES)}): "
+                         "decompress them or name the shards to label")
+    return [store.url_of(k) for k in keys if k.lower().endswith(layout.TAR_SUFFIXES)]
 
 
 def _glob(pattern: str) -> list[str]:

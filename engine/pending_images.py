@@ -14,11 +14,11 @@ import io
 import json
 import math
 import posixpath
-import re
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from storage import layout
 from storage.label_format import IMAGE_EXTENSIONS
 from storage.objectstore import ObjectNotFound
 from storage.shards import ShardFormatError, iter_sample_names
@@ -29,7 +29,6 @@ MAX_SAMPLE_SHARDS = 64             # and at most, when those first ones spread w
 TARGET_ERROR = 0.025               # the relative standard error of images per byte aimed at
 SAMPLE_BYTES = 256 * 2**20         # read at most this much of one sampled shard
 IO_THREADS = 16                    # parallel sidecar GETs, HEADs and sampled shards
-_TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class ImageEstimate:
 
 def sidecar_keys(key: str) -> tuple[str, str]:
     """img2dataset's files beside shard ``00042.tar``: ``00042_stats.json`` and ``00042.parquet``."""
-    stem = _TAR_SUFFIX.sub("", key)
+    stem = layout.strip_tar_suffix(key)
     return f"{stem}_stats.json", f"{stem}.parquet"
 
 

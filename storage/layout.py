@@ -15,14 +15,23 @@ LOCKS = "locks/"
 REQUEUED = "requeued/"   # commit records moved aside by `verify --requeue`, kept for the record
 RUNS = "runs/"           # one record per finished `label` run: its measured rate (`label --dry-run` reads it)
 
-_TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
+# The input shard names the engine lists and reads (storage.tarstream decompresses each kind);
+# the shard's name is the file name without it.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+_TAR_SUFFIX = re.compile("(" + "|".join(map(re.escape, sorted(TAR_SUFFIXES, key=len, reverse=True))) + ")$",
+                         re.IGNORECASE)
+
+
+def strip_tar_suffix(name: str) -> str:
+    """'a/shard-1.tar.xz' -> 'a/shard-1'; a name without a tar suffix is returned unchanged."""
+    return _TAR_SUFFIX.sub("", name)
 
 
 def shard_name(input_url: str) -> str:
     """The input shard's file name without its tar suffix: 'raw/shard-000123.tar' -> 'shard-000123'."""
     base = posixpath.basename(input_url.rstrip("/"))
     try:
-        return check_shard_name(_TAR_SUFFIX.sub("", base))
+        return check_shard_name(strip_tar_suffix(base))
     except ValueError as e:
         raise ValueError(f"input shard {input_url!r}: {e}") from None
 

@@ -54,3 +54,43 @@ def test_s3_forms(s3_bucket):
     assert expand(f"{base}/") == every
     assert expand(f"{base}/shard-{{000001..000002}}.tar") == every[1:]
     assert expand(f"{base}/shard-00000[02].tar") == [every[0], every[2]]
+
+
+COMPRESSED = ["a.tar.gz", "b.tgz", "c.tar.bz2", "d.tbz2", "e.tbz", "f.tar.xz", "g.TXZ", "h.tar"]
+
+
+def test_a_directory_or_prefix_lists_every_form_the_reader_reads(tmp_path, s3_bucket):
+    """A listing left .tar.bz2 and .tar.xz out silently ("1 total" for a directory of three)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import tarfile
+
+    from storage import layout
+    from storage.shards import iter_tar_samples
+
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as t:
+        info = tarfile.TarInfo("k.jpg")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"J"))
+    pack = {"gz": gzip.compress, "tgz": gzip.compress, "bz2": bz2.compress, "tbz2": bz2.compress,
+            "tbz": bz2.compress, "xz": lzma.compress, "txz": lzma.compress, "tar": bytes}
+    s3 = boto3.client("s3")
+    d = tmp_path / "raw"
+    d.mkdir()
+    for name in [*COMPRESSED, "notes.txt", "tz.json", "a.tar.md5"]:
+        data = pack.get(name.rsplit(".", 1)[1].lower(), bytes)(plain.getvalue())
+        (d / name).write_bytes(data)
+        s3.put_object(Bucket=s3_bucket, Key=f"raw/{name}", Body=data)
+    for spec in (f"{d}/", f"s3://{s3_bucket}/raw/"):
+        urls = expand(spec)
+        assert _names(urls) == COMPRESSED
+        assert [layout.shard_name(u) for u in urls] == list("abcdefgh")
+    (d / "i.tar.zst").write_bytes(b"x")             # a form it does not read: refused, not left out
+    with pytest.raises(InputError, match="1 tar.* does not take, e.g. .*i.tar.zst"):
+        expand(f"{d}/")
+    for name in COMPRESSED:                           # and the reader reads each one it lists
+        with open(d / name, "rb") as f:
+            assert [s["__key__"] for s in iter_tar_samples(f)] == ["k"]
