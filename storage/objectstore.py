@@ -38,16 +38,30 @@ _ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
 
 
+_USERINFO_PART = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s]*)@")
+_REMEMBERED: set[str] = set()   # credentials seen in this process's arguments (remember_credentials)
+
+
 def redact(text: str) -> str:
     """Blank out credentials a server, a library or a URL echoed into a message: the secret
-    AWS variables, the password of an endpoint URL, and the ``user:pass@`` of any URL.
-    Here rather than beside boto3, so the CLI can redact without importing it."""
+    AWS variables, the password of an endpoint URL, the ``user:pass@`` of any URL, and any
+    credentials the arguments held, wherever a library quotes them without their URL (botocore:
+    'Invalid bucket name "KEY:SECRET@bucket"'). Here rather than beside boto3, so the CLI can
+    redact without importing it."""
     secrets = [os.environ.get(name) for name in _SECRET_VARS]
     secrets += [_password(os.environ.get(name) or "") for name in _ENDPOINT_VARS]
-    for value in secrets:
-        if value and len(value) >= 4:
+    for value in sorted(filter(None, [*secrets, *_REMEMBERED]), key=len, reverse=True):
+        if len(value) >= 4:
             text = text.replace(value, "***")
     return _USERINFO.sub(r"\1***@", text)
+
+
+def remember_credentials(texts: list[str]) -> None:
+    """Note the ``user:pass@`` of every URL in ``texts`` (the command line), so that redact()
+    blanks them, and each of their parts, in any message, with or without the URL around them."""
+    for text in texts:
+        for userinfo in _USERINFO_PART.findall(text):
+            _REMEMBERED.update(p for p in (userinfo, *userinfo.split(":", 1)) if len(p) >= 4)
 
 
 def _password(url: str) -> str | None:
@@ -197,7 +211,10 @@ def local_path(url: str) -> str:
 def _split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = url[5:].partition("/")
     if not bucket:
-        raise InvalidURL(f"invalid S3 URL {url!r}: no bucket (expected s3://bucket/prefix)")
+        raise InvalidURL(f"invalid S3 URL {redact(url)!r}: no bucket (expected s3://bucket/prefix)")
+    if "@" in bucket:   # no bucket name holds one: credentials, which boto3 would quote back
+        raise InvalidURL(f"invalid S3 URL {redact(url)!r}: credentials do not go in a URL; give them as "
+                         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
     return bucket, key
 
 

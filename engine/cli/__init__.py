@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None, *, _program: bool = False) -> int:
     os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
     logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    _redact_every_message(argv)
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "json", False):
@@ -87,6 +88,36 @@ def main(argv: list[str] | None = None, *, _program: bool = False) -> int:
 
         print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
         return 1
+
+
+class _Redacting(logging.Filter):
+    """A log record's text with credentials blanked, whichever library logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from storage.objectstore import redact
+
+        try:
+            record.msg, record.args = redact(record.getMessage()), None
+        except Exception:  # noqa: BLE001 - a malformed record: logging reports it as it would
+            return True
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def _redact_every_message(argv: list[str]) -> None:
+    """One redaction for every message this process prints: credentials in the arguments are
+    remembered (a library may quote them without their URL), and log records and warnings
+    pass through redact() like the CLI's own lines."""
+    from storage.objectstore import remember_credentials
+
+    remember_credentials(argv)
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Redacting) for f in handler.filters):
+            handler.addFilter(_Redacting())
 
 
 if __name__ == "__main__":

@@ -47,7 +47,14 @@ def creation_error(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for the failure of an attempt (the remote traceback stays in the logs)."""
+    """One line for the failure of an attempt (the remote traceback stays in the logs), with
+    credentials blanked: it goes to the failed/ record and the terminal."""
+    from storage.objectstore import redact
+
+    return redact(_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError):
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         lines = str(cause).strip().splitlines()
