@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
+import logging
 from importlib import metadata
 
 from engine.config import ConfigError, LabelConfig
@@ -13,6 +14,8 @@ from labelers.normalize import DISPARITY
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.output import Output
+
+log = logging.getLogger(__name__)
 
 LABEL_DEFINITION = "depth-anything/v1: disparity, sky=0, min-max over non-sky, uint16 png"
 GT_DEFINITION = "ground-truth/v1: disparity 1/t, sky=0, min-max over valid non-sky, uint16 png, valid.png"
@@ -120,21 +123,30 @@ def _short(v) -> str:
 
 
 def check(output: ObjectStore, spec: JobSpec) -> dict | None:
-    """OUTPUT's job.json (None: there is none), refused (exit 2) when it pins another label
-    definition than ``spec``. Reads only: a dry run asks the same question as ``write``."""
+    """OUTPUT's job.json, refused (exit 2) when it pins another label definition than ``spec``
+    and a shard was committed under it. None: there is none, or nothing was committed under it
+    (a start that failed on a broken model, since fixed), so ``write`` replaces it: a failed
+    start never blocks its own fix. Reads only: a dry run asks the same question as ``write``."""
     old = read(output)
-    if old is not None:
-        diff = differences(old, spec)
-        if diff:
-            raise ConfigError(f"{output.url} holds labels of another definition; " + "; ".join(diff)
-                              + " (use a new OUTPUT)")
-    return old
+    if old is None or not (diff := differences(old, spec)):
+        return old
+    if Output(output).committed():
+        raise ConfigError(f"{output.url} holds labels of another definition; " + "; ".join(diff)
+                          + " (use a new OUTPUT)")
+    return None
 
 
 def write(output: ObjectStore, spec: JobSpec) -> dict:
-    """Create or extend job.json: refuses a different label definition (exit 2), keeps
-    the union of input shards across runs so status sees every shard ever asked for."""
+    """Create or extend job.json: refuses a different label definition once a shard is committed
+    under it (exit 2), keeps the union of input shards across runs so status sees every shard
+    ever asked for. A definition nothing was committed under is replaced, with one line, and its
+    failed shards' records go with it (they failed under the other definition)."""
     old = check(output, spec)
+    if old is None and (previous := read(output)) is not None:
+        for name in Output(output).failed():
+            output.delete(layout.failed_key(name))
+        log.warning("%s: job.json pinned another definition (%s) and no shard was committed under it; replaced",
+                    output.url, "; ".join(differences(previous, spec)))
     if old is not None:
         shards = list(dict.fromkeys([*old.get("shards", []), *spec.shards]))
         spec = JobSpec(spec.label, shards, spec.input, spec.parameters)

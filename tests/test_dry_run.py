@@ -29,6 +29,7 @@ from engine.dry_run import dry_run, s3_requests_per_shard
 from engine.label import label, prepare
 from engine.models import resolve
 from engine.pending_images import estimate_images
+from storage import layout
 from storage.stores import open_store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -181,6 +182,10 @@ def test_refuses_another_label_definition_and_writes_nothing(tmp_path, tiny_mode
         other = config(f"{tmp_path}/in/", output, tiny_models)
         other = replace(other, teacher=tiny_models.other_teacher)
         job.write(open_store(output), prepare(other).spec)        # OUTPUT pins the other teacher
+        before = listing(output)
+        dry_run(config(f"{tmp_path}/in/", output, tiny_models), rate=1.0)   # nothing committed: replaceable
+        assert listing(output) == before
+        open_store(output).put(layout.manifest_key("00000"), b"")  # a committed shard's record
         before = listing(output)
         with pytest.raises(ConfigError, match="another definition"):
             dry_run(config(f"{tmp_path}/in/", output, tiny_models), rate=1.0)
