@@ -36,7 +36,7 @@ from importlib import import_module, metadata
 import numpy as np
 
 from labelers.normalize import TEACHER_OUTPUTS
-from labelers.prediction import Prediction, checked
+from labelers.prediction import NoLabel, Prediction, checked
 
 GROUP = "depth_engine.teachers"
 PREFIX = "plugin:"
@@ -162,7 +162,7 @@ class PluginTeacher:
         if len(out) != len(images):
             raise ValueError(f"teacher {self.name} returned {len(out)} results for {len(images)} images")
         out = [checked(p, int(im.shape[0]), int(im.shape[1]), self.name) for p, im in zip(out, images)]
-        return out if sizes is None else [resized(p, size) for p, size in zip(out, sizes)]
+        return out if sizes is None else [p if isinstance(p, NoLabel) else resized(p, size) for p, size in zip(out, sizes)]
 
 
 def resized(prediction: Prediction, size: tuple[int, int]) -> Prediction:

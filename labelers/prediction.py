@@ -4,6 +4,7 @@ the stages after the model see one shape of result whatever made it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,21 @@ class Prediction:
     label: object | None = None
 
 
-def checked(prediction, height: int, width: int, teacher: str) -> Prediction:
+@dataclass(frozen=True, slots=True)
+class NoLabel:
+    """A model's output for one image that no label can be made from (NaN or inf where numbers
+    should be: broken weights, an overflow). Stands in the image's place in a batch's results,
+    so that the pipeline makes that sample an error row with ``reason`` and labels the rest."""
+
+    reason: str
+
+
+def non_finite(model: str, bad: int, total: int) -> NoLabel:
+    return NoLabel(f"the {model}'s output holds {bad} non-finite values of {total} (NaN or inf): "
+                   "broken weights or an overflow")
+
+
+def checked(prediction, height: int, width: int, teacher: str) -> Prediction | NoLabel:
     """A teacher's result for an image of height x width, or a ValueError saying what is wrong
     with it: a map of another size would be stretched or cut silently further on. A bare array
     is a Prediction with the raw map alone."""
@@ -37,6 +52,8 @@ def checked(prediction, height: int, width: int, teacher: str) -> Prediction:
     if raw.shape != (height, width) or raw.dtype.kind != "f":
         raise ValueError(f"teacher {teacher} returned a {raw.dtype} map of shape {raw.shape} for a "
                          f"{height}x{width} image; expected float HxW at the image's size")
+    if bad := int(raw.size - np.count_nonzero(np.isfinite(raw))):
+        return non_finite("teacher", bad, raw.size)
     confidence = prediction.confidence
     if confidence is not None:
         confidence = np.asarray(confidence)
@@ -51,6 +68,8 @@ def checked(prediction, height: int, width: int, teacher: str) -> Prediction:
     fov = prediction.fov_deg
     if fov is not None:
         fov = float(fov)
+        if not math.isfinite(fov):
+            return NoLabel(f"the teacher predicted a field of view of {fov} degrees: broken weights or an overflow")
         if not 0 < fov < 180:
             raise ValueError(f"teacher {teacher} predicted a field of view of {fov} degrees; expected (0, 180)")
     return Prediction(raw.astype(np.float32, copy=False), confidence, fov)

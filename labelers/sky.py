@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from labelers.model import InferenceModel, load_for_inference
+from labelers.prediction import NoLabel, non_finite
 from labelers.preprocess import ImagePreprocess
 
 # Upsampled logits held at once, in elements (~64 MiB of float32): bounds memory on huge images.
@@ -109,10 +110,14 @@ class SkySegmenter(InferenceModel):
         preprocess = ImagePreprocess.from_processor(loaded.processor)
         return cls(label, preprocess, loaded.device, loaded.dtype, loaded.model, sky_ids=sky_ids)
 
-    def masks(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
-        """bool HxW per uint8 HxWx3 RGB image, True = sky; at ``sizes`` (the labels') if given."""
+    def masks(self, images: Sequence[np.ndarray],
+              sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray | NoLabel]:
+        """bool HxW per uint8 HxWx3 RGB image, True = sky; at ``sizes`` (the labels') if given.
+        An image whose logits hold NaN or inf gets a NoLabel: argmax would call it sky-free."""
         return self.run(images, self._fold, sizes)
 
-    def _fold(self, outputs, batch: list, sizes: list) -> list[np.ndarray]:
+    def _fold(self, outputs, batch: list, sizes: list) -> list[np.ndarray | NoLabel]:
         logits = outputs.logits.float()
-        return [sky_from_logits(logits[row], self.sky_ids, size).cpu().numpy() for row, size in enumerate(sizes)]
+        bad = (~torch.isfinite(logits)).flatten(1).sum(1).tolist()   # one sync per batch
+        return [non_finite("sky model", int(bad[row]), logits[row].numel()) if bad[row]
+                else sky_from_logits(logits[row], self.sky_ids, size).cpu().numpy() for row, size in enumerate(sizes)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from labelers.device_label import quantize_on_device
 from labelers.model import InferenceModel, load_for_inference
 from labelers.normalize import DISPARITY
-from labelers.prediction import Prediction
+from labelers.prediction import NoLabel, Prediction, non_finite
 from labelers.preprocess import ImagePreprocess, family_of_processor, float_resize
 
 # How each family's post_process_depth_estimation brings the output back to the image size.
@@ -115,7 +115,7 @@ class Teacher(InferenceModel):
         return cls(name or str(source), preprocess, loaded.device, loaded.dtype, loaded.model, output=output)
 
     def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None,
-                skies: Sequence[np.ndarray | None] | None = None, levels: int | None = None) -> list[Prediction]:
+                skies: Sequence[np.ndarray | None] | None = None, levels: int | None = None) -> list[Prediction | NoLabel]:
         """The model's own output (raw float32 HxW, each image's own size, or its ``sizes`` entry:
         the label's; ``output`` says which kind) for uint8 HxWx3 RGB images, with the field of
         view where the model predicts one (Depth Pro with its fov model). Batches as
@@ -123,7 +123,7 @@ class Teacher(InferenceModel):
 
         With ``skies`` (each image's sky mask at its label size, or None without a sky model) the
         label is made on the model's device (labelers.device_label), quantized to ``levels``, and
-        only it comes back."""
+        only it comes back. An image whose output holds NaN or inf gets a NoLabel with the reason."""
         if skies is not None and not levels:
             raise ValueError("a label made on the device needs the label format's levels")
         return self.run(images, partial(self._restore, levels=levels), sizes, skies)
@@ -133,7 +133,16 @@ class Teacher(InferenceModel):
         depth = outputs.predicted_depth.float()
         fov = getattr(outputs, "field_of_view", None)  # degrees per image, or None
         fov = None if fov is None else fov.float()  # the focal length in float32, not half
+        # Checked at the model's resolution, on its device, one sync per batch: a NaN or inf here
+        # would be left out of the label like sky, and an all-NaN map stored as an "ok" zero label.
+        bad = (~torch.isfinite(depth)).flatten(1).sum(1)
+        if fov is not None:
+            bad = bad + (~torch.isfinite(fov.reshape(len(batch), -1))).sum(1)
+        bad = bad.tolist()
         for row, (image, size) in enumerate(zip(batch, sizes)):
+            if bad[row]:
+                yield non_finite("teacher", int(bad[row]), depth[row].numel())
+                continue
             height, width = image.shape[:2]
             fov_deg = None if fov is None else fov[row]
             full = self.preprocess.restore(depth[row], height, width, fov_deg, size)

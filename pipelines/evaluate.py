@@ -23,6 +23,7 @@ from labelers.ground_truth import (
     decode_ground_truth,
 )
 from labelers.normalize import DISPARITY, to_disparity
+from labelers.prediction import NoLabel
 from pipelines.concurrency import Bucketer, prefetch_map
 from pipelines.decode import decode, sample_from_members
 from pipelines.label_grid import check_downscale, resize_disparity
@@ -114,13 +115,18 @@ def evaluate_shard(task: ShardTask, teacher, rule: GroundTruthRule = GroundTruth
 
     def score(batch: list[tuple[int, _Item]]) -> None:
         m0 = time.perf_counter()
-        preds = [to_disparity(p.raw, kind) for p in teacher.predict([item.sample.image for _, item in batch])]
+        preds = teacher.predict([item.sample.image for _, item in batch])
         seconds = time.perf_counter() - m0
         result.model_seconds += seconds
         progress.model_seconds += seconds
         for (i, item), pred in zip(batch, preds):
             gt = item.gt
             item.sample.image = None
+            if isinstance(pred, NoLabel):       # NaN or inf out of the model: no score, the reason
+                item.sample.fail(f"cannot score: {pred.reason}")
+                finish(i, item, None, None)
+                continue
+            pred = to_disparity(pred.raw, kind)
             try:
                 teacher_m = evaluate_disparity(pred, gt.disparity, gt.valid, rule.max_depth)
                 label_m = None if item.stored is None else evaluate_disparity(

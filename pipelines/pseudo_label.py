@@ -21,6 +21,7 @@ from typing import Callable
 from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
 from labelers.normalize import METRIC_OUTPUTS
+from labelers.prediction import NoLabel
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
 from pipelines.concurrency import Bucketer, OrderedSink, PixelBudget, prefetch_map
@@ -147,11 +148,15 @@ def label_batch(batch: list[Sample], labelers: Labelers) -> float:
     masks = labelers.sky.masks(images, **sizes) if labelers.sky else [None] * len(batch)
     t1 = time.perf_counter()
     if labelers.labels_on_device:
-        sizes.update(skies=masks, levels=DISP_LEVELS)
+        sizes.update(skies=[None if isinstance(m, NoLabel) else m for m in masks], levels=DISP_LEVELS)
     predictions = labelers.teacher.predict(images, **sizes) if labelers.teacher else [None] * len(batch)
     t2 = time.perf_counter()
     for s, mask, prediction in zip(batch, masks, predictions):
-        s.sky, s.image = mask, None   # the pixels are no longer needed
+        s.image = None   # the pixels are no longer needed
+        if no_label := next((x for x in (mask, prediction) if isinstance(x, NoLabel)), None):
+            s.error = no_label.reason   # an error row with the reason, never an "ok" label of NaN
+            continue
+        s.sky = mask
         if prediction is not None:
             s.raw, s.confidence, s.fov_deg = prediction.raw, prediction.confidence, prediction.fov_deg
             s.label = prediction.label
