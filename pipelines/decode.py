@@ -5,7 +5,8 @@ A crawl holds images nobody here wrote, so the header is checked before a pixel 
 the pixel count (``--max-image-pixels``), the aspect ratio (``--max-aspect``) and, for JPEG,
 whether the file is long enough to hold the scans its header claims. libjpeg fills missing
 scans with grey and reports success, so a 1 KB file claiming 9000x9000 would otherwise decode
-"ok" into 243 MB of grey; the same fill at the bottom of a decoded JPEG is refused too.
+"ok" into 243 MB of grey; the same fill at the bottom of a decoded JPEG is refused too, and so
+are the other short reads a decoder calls success (pipelines.whole_image).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelers.ground_truth import GroundTruthError, GroundTruthRule, decode_ground_truth
 from pipelines.sample import Sample
+from pipelines.whole_image import jpeg_scans_missing, png_rows_missing
 from storage.label_format import image_member
 from storage.shards import DEFAULT_MAX_MEMBER_BYTES
 
@@ -70,6 +72,9 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     palette/CMYK/alpha modes convert through PIL (alpha is dropped, as OpenCV does)."""
     if img.mode in _WIDE_MODES:
         a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and (bad := a.size - int(np.count_nonzero(np.isfinite(a)))):
+            raise DecodeError(f"float image holds {bad} non-finite samples (NaN or inf) of {a.size}: "
+                              "its range, and so every pixel, would be undefined")
         if img.mode.startswith("I;16"):
             a = a / 257.0
         elif a.size:
@@ -134,6 +139,21 @@ def _check_jpeg_fill(img: Image.Image) -> None:
         raise DecodeError("truncated JPEG: its last rows are the decoder's grey fill (scans missing)")
 
 
+def _check_whole(img: Image.Image, data: bytes) -> None:
+    """The decoders' silent short reads (pipelines.whole_image): a progressive JPEG's missing
+    scans; a sequential PNG whose image data ends before its rows, looked for only where its last
+    row is zero, as such a PNG's is (Pillow refuses an interlaced one itself)."""
+    if img.format in ("JPEG", "MPO"):
+        reason = jpeg_scans_missing(data)
+    elif img.format == "PNG" and not img.info.get("interlace") and \
+            not np.asarray(img.crop((0, img.height - 1, img.width, img.height))).any():
+        reason = png_rows_missing(data)
+    else:
+        return
+    if reason:
+        raise DecodeError(reason)
+
+
 def probe_image(data: bytes, limits: SampleLimits = SampleLimits()) -> int:
     """Header checks only (cheap: nothing is decoded); returns the pixel count."""
     if not data:
@@ -178,6 +198,7 @@ def decode_reduced(data: bytes, limits: SampleLimits = SampleLimits(),
             drafted = img.size != stored
             img.load()
             _check_jpeg_fill(img)
+            _check_whole(img, data)
             ImageOps.exif_transpose(img, in_place=True)   # in place: no copy of an upright image
             rgb = to_rgb(img)
     except UnidentifiedImageError:
