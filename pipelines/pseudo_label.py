@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from labelers.devices import upload
 from labelers.ground_truth import GroundTruthRule
@@ -38,7 +38,7 @@ from pipelines.tasks import Progress, ShardTask
 from storage.commit import ClaimPolicy
 from storage.label_format import DISP_LEVELS, label_size, parse_label_size
 from storage.objectstore import ObjectStore
-from storage.shards import iter_tar_samples
+from storage.shards import UngroupedKeys, iter_tar_samples
 from storage.sink import ShardSink
 from storage.stores import locate
 
@@ -185,6 +185,21 @@ def label_shard(
     committed and no partial object visible."""
     t_start = time.perf_counter()
     progress = progress or Progress()
+    counted = (progress.samples, progress.errors)
+    try:
+        return _label_shard_once(task, labelers, output, batch_size, threads, worker, progress, claim, limits,
+                                 t_start, ungrouped=())
+    except UngroupedKeys as e:
+        # A key's members were not together: its first group was labeled before it came back. The
+        # shard is labeled again, once, with every such key an error row (the first try's upload
+        # was aborted, nothing of it is visible).
+        progress.samples, progress.errors = counted
+        return _label_shard_once(task, labelers, output, batch_size, threads, worker, progress, claim, limits,
+                                 t_start, ungrouped=e.keys)
+
+
+def _label_shard_once(task, labelers, output, batch_size, threads, worker, progress, claim, limits, t_start, *,
+                      ungrouped) -> ShardResult:
     result = ShardResult(task.name, task.source, worker=worker, attempt=task.attempt)
     stages = result.stage_seconds
 
@@ -196,7 +211,7 @@ def label_shard(
             stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0
 
         label_samples(task.source, labelers, write, result=result, progress=progress, batch_size=batch_size,
-                      threads=threads, limits=limits)
+                      threads=threads, limits=limits, ungrouped=ungrouped)
         t_close = time.perf_counter()
         result.committed = shard.commit(
             {"source_kind": labelers.source_kind, "worker": worker, "attempt": task.attempt},
@@ -240,10 +255,13 @@ def label_samples(
     batch_size: int = 8,
     threads: int = 4,
     limits: SampleLimits = SampleLimits(),
+    ungrouped: Collection[str] = (),
 ) -> None:
     """Stream input shard ``source`` through decode, the models and encode, and ``emit`` each
     encoded sample in tar order. ``wanted(key)``: only those samples are decoded and labeled
-    (a repair); the others are read past. Model time goes to ``result`` and ``progress``."""
+    (a repair); the others are read past. ``ungrouped``: keys whose members are not together
+    (storage.shards.UngroupedKeys), each one error row. Model time goes to ``result`` and
+    ``progress``."""
     models = labelers.names
     in_store, in_key = locate(source)
     with in_store.open_read(in_key) as stream:
@@ -255,7 +273,7 @@ def label_samples(
             progress.errors += enc.row["status"] != "ok"
 
         def read():   # the reader thread, in tar order: header checks, then the pixels are reserved
-            for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes):
+            for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes, ungrouped=ungrouped):
                 sample = sample_from_members(members, source)
                 if wanted is not None and not wanted(sample.key):
                     continue

@@ -33,6 +33,7 @@ from storage.commit import ClaimPolicy
 from storage.manifest import decode_part
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.output import Output
+from storage.shards import UngroupedKeys
 from storage.sink import ShardSink
 
 COPY_SPAN = 64 * 2**20     # the most bytes one ranged read copies from the current tar
@@ -79,13 +80,22 @@ def repair_shard(task: ShardTask, labelers: Labelers, output: ObjectStore, *, re
     view = Output(output)
     old_tar = view.tar_key(current)
 
-    with ShardSink(output, task.name, generation=generation + 1) as shard:
-        merge = _Merge(rows, targets, shard, _Copier(output, old_tar), result)
-        label_samples(task.source, labelers, merge.labeled, result=result, progress=progress,
-                      wanted=targets.__contains__, batch_size=batch_size, threads=threads, limits=limits)
-        merge.finish()
-        committed = shard.commit({"source_kind": labelers.source_kind, "worker": worker, "attempt": task.attempt},
-                                 owner=owner(worker, task.attempt), claim=claim, replaces=current)
+    def write(ungrouped) -> tuple[ShardSink, bool]:
+        with ShardSink(output, task.name, generation=generation + 1) as shard:
+            merge = _Merge(rows, targets, shard, _Copier(output, old_tar), result)
+            label_samples(task.source, labelers, merge.labeled, result=result, progress=progress,
+                          wanted=targets.__contains__, batch_size=batch_size, threads=threads, limits=limits,
+                          ungrouped=ungrouped)
+            merge.finish()
+            return shard, shard.commit({"source_kind": labelers.source_kind, "worker": worker,
+                                        "attempt": task.attempt},
+                                       owner=owner(worker, task.attempt), claim=claim, replaces=current)
+
+    try:
+        shard, committed = write(())
+    except UngroupedKeys as e:         # still not grouped in the input: those keys stay error rows
+        result.repaired = result.missing = result.copied_bytes = 0
+        shard, committed = write(e.keys)
     if committed:
         output.delete(old_tar)         # only now: until the part named the new tar, it was the shard
         result.committed, result.generation = True, generation + 1

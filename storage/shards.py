@@ -22,14 +22,14 @@ import re
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Collection, Iterator
 
 from storage.label_format import IMAGE_EXTENSIONS, WRITTEN
 from storage.names import check_member_name, escape_key, quote_name
 from storage.tarstream import BLOCK, ShardFormatError, tar_members
 
 __all__ = ["DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
-           "check_member_name", "escape_key", "iter_tar_samples"]
+           "UngroupedKeys", "check_member_name", "escape_key", "iter_tar_samples"]
 
 DEFAULT_MAX_MEMBER_BYTES = 512 * 2**20
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
@@ -38,41 +38,74 @@ _NOT_READ = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
              tarfile.FIFOTYPE: "a fifo"}
 
 
-def iter_tar_samples(fileobj: BinaryIO, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
+class UngroupedKeys(ShardFormatError):
+    """Keys whose members are not together in the tar (`a.jpg g.jpg a.json`): each must be one
+    row, but the first group was read before the key came back. Found by reading the rest of the
+    tar's headers; a reader that knows them (``ungrouped``) makes each key one error row."""
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        self.keys = keys
+        first = quote_name(sorted(keys)[0])
+        super().__init__(f"key {first} reappears after other keys (members not grouped)"
+                         + (f", and {len(keys) - 1} more keys" if len(keys) > 1 else ""))
+
+
+def iter_tar_samples(fileobj: BinaryIO, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                     ungrouped: Collection[str] = ()) -> Iterator[dict]:
     """One dict per key, in tar order, read forward only (never seeks, never writes a file).
 
     A sample is `{"__key__": key, ext: bytes, ...}` (extensions lowercase, inner dots kept:
     'disp.png'), or `{"__key__": key, "__error__": reason}` when one of its members is not a
-    regular file, is sparse, is over `max_member_bytes` (never read) or has an unsafe name (the
-    key is then `escape_key`d); its other members are dropped and the shard goes on. Directories,
-    webdataset meta files and names with no key/extension split are skipped, as webdataset does.
-    A broken tar, a repeated member or a key that reappears after others raises ShardFormatError
-    where the damage is; every complete sample before it has been yielded.
+    regular file, is sparse, is over `max_member_bytes` (never read), has an unsafe name (the
+    key is then `escape_key`d) or repeats an extension of its sample (`a.jpg` twice, or `a.jpg`
+    and `a.JPG`); its other members are dropped and the shard goes on. Directories, webdataset
+    meta files and names with no key/extension split are skipped, as webdataset does.
+    A key that reappears after other keys raises UngroupedKeys once the rest of the headers are
+    read, naming every such key; with those keys in ``ungrouped`` each is one error row, at its
+    first group, and its members are not read. A broken tar raises ShardFormatError where the
+    damage is; every complete sample before it has been yielded.
     """
     seen: set[str] = set()
     sample: _Sample | None = None
-    for info, read in tar_members(fileobj):
+    for info, read in (members := tar_members(fileobj)):
         key, ext = _split(info)
         if key is None:
             continue
         if sample is None or key != sample.key:
-            if sample is not None:
+            if sample is not None and not sample.repeat:
                 yield sample.result()  # complete: its key is over
-            if key in seen:
-                raise ShardFormatError(f"key {quote_name(key)} reappears after other keys (members not grouped)")
+            if key in seen and key not in ungrouped:
+                raise UngroupedKeys(frozenset({key, *_reappearing(members, seen | {key})}))
+            sample = _Sample(key, repeat=key in seen)
             seen.add(key)
-            sample = _Sample(key)
-        if ext in sample.exts:
-            raise ShardFormatError(f"duplicate member {quote_name(info.name)}")
-        sample.exts.add(ext)
+            if key in ungrouped:
+                sample.error = f"key {quote_name(key)} reappears after other keys (members not grouped)"
+        if sample.error is None and ext in sample.names:
+            sample.error = (f"member {quote_name(info.name)} repeats the extension of {quote_name(sample.names[ext])} "
+                            "(extensions are compared lowercase): which one is the sample's is ambiguous")
+        sample.names.setdefault(ext, info.name)
         if sample.error is None:
             sample.error = _refusal(info, key, ext, max_member_bytes)
             if sample.error is None:
                 sample.members[ext] = read()
-            else:
-                sample.members.clear()
-    if sample is not None:
+        if sample.error is not None:
+            sample.members.clear()
+    if sample is not None and not sample.repeat:
         yield sample.result()
+
+
+def _reappearing(members: Iterator, seen: set[str]) -> set[str]:
+    """The keys that come back after others in the rest of the tar, from its headers alone."""
+    found, current = set(), None
+    for info, _ in members:
+        key, _ = _split(info)
+        if key is None or key == current:
+            continue
+        if key in seen:
+            found.add(key)
+        seen.add(key)
+        current = key
+    return found
 
 
 @dataclass
@@ -80,7 +113,8 @@ class _Sample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
-    exts: set[str] = field(default_factory=set)
+    names: dict[str, str] = field(default_factory=dict)   # extension -> the member name that had it
+    repeat: bool = False   # a later group of an ungrouped key: its row is the first group's
 
     def result(self) -> dict:
         if self.error is None:

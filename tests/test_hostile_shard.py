@@ -27,6 +27,7 @@ REFUSED = {
     "lying": "truncated JPEG", "cut": "grey fill", "big": "exceeds --max-image-pixels",
     "thin": "exceeds --max-aspect", "link": "symbolic link", "sparse": "sparse",
     "huge": "300000", "noimage": "no image member", "k" * 247: "cannot carry",
+    "ungrouped": "reappears after other keys", "dup": "repeats the extension of 'dup.jpg'",
 }
 ESCAPED = {"../../evil": "..", "/tmp/abs": "absolute", "caf\udce9": "UTF-8"}
 
@@ -48,7 +49,10 @@ def hostile_tar() -> bytes:
         bytes(512),                                            # a lone zero block: the tar goes on
         tar_member("k" * 247 + ".jpg", photo(10)),             # a legal name; its labels' would not be
         symlink("link.jpg", "good0.jpg"),
+        tar_member("ungrouped.jpg", photo(12)),
         tar_member("good1.jpg", photo(1)),
+        tar_member("ungrouped.json", b"{}"),                  # its key comes back: members not grouped
+        tar_member("dup.jpg", photo(13)), tar_member("dup.JPG", photo(14)),   # case variants
         tar_member("sparse.jpg", photo(2)), sparse_member("sparse.bin"),
         tar_member("huge.jpg", photo(3)), tar_member("huge.bin", bytes(400_000)),
         tar_member("../../evil.jpg", photo(4)),

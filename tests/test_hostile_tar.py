@@ -29,6 +29,7 @@ from storage.shards import (
     DEFAULT_MAX_MEMBER_BYTES,
     ShardFormatError,
     TarShardWriter,
+    UngroupedKeys,
     check_member_name,
     escape_key,
     iter_tar_samples,
@@ -634,3 +635,46 @@ def test_fuzz_mutated_tars(tmp_path, monkeypatch):
             assert stream.bytes <= len(tar), case
     assert writes == []
     assert all(outcomes.values()), outcomes  # the mutations reach every outcome
+
+
+# ---------------------------------------------------------------- one row per key, whatever the layout
+
+
+def _layout_tar(names: list[str]) -> bytes:
+    return build([member(n, n.encode()) for n in names])
+
+
+@pytest.mark.parametrize("names, bad", [
+    (["a.jpg", "a.jpg", "b.jpg"], "repeats the extension of 'a.jpg'"),            # an exact duplicate
+    (["a.JPG", "a.jpg", "b.jpg"], "repeats the extension of 'a.JPG'"),            # case variants
+    (["a.jpg", "a.json", "a.JSON", "b.jpg"], "repeats the extension of 'a.json'"),
+], ids=["duplicate", "case-jpg", "case-json"])
+def test_a_repeated_member_is_its_samples_error_row(names, bad):
+    got = read_all(_layout_tar(names))
+    assert [s["__key__"] for s in got] == ["a", "b"]
+    assert bad in got[0]["__error__"] and got[0].keys() == {"__key__", "__error__"}
+    assert got[1] == {"__key__": "b", "jpg": b"b.jpg"}
+
+
+def test_ungrouped_keys_are_named_from_the_headers_then_one_error_row_each():
+    """webdataset reads `a.jpg g1.jpg a.json g2.jpg` as four samples, two keyed 'a'."""
+    tar = _layout_tar(["a.jpg", "g1.jpg", "a.json", "g2.jpg", "c.jpg", "g1.txt", "d.jpg"])
+    assert [s["__key__"] for s in wds.WebDataset([_file(tar)], shardshuffle=False)] == ["a", "g1", "a", "g2", "c",
+                                                                                        "g1", "d"]
+    with pytest.raises(UngroupedKeys) as e:
+        read_all(tar)
+    assert e.value.keys == {"a", "g1"} and "and 1 more keys" in str(e.value)
+    got = read_all(tar, ungrouped=e.value.keys)
+    assert [s["__key__"] for s in got] == ["a", "g1", "g2", "c", "d"]     # one row per key, at its first group
+    assert all("reappears after other keys" in s["__error__"] for s in got[:2])
+    assert got[2:] == [{"__key__": "g2", "jpg": b"g2.jpg"}, {"__key__": "c", "jpg": b"c.jpg"},
+                       {"__key__": "d", "jpg": b"d.jpg"}]
+
+
+def _file(data: bytes) -> str:
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
+    f.write(data)
+    f.close()
+    return f.name

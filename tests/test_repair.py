@@ -267,3 +267,42 @@ def test_the_command_repairs_on_ray_and_the_readers_follow(tmp_path, labelers, t
     p = run("label", *args, "--repair-errors", "--json", check=0)   # nothing left to repair: no cluster
     s = json.loads(p.stdout)
     assert (s["shards_to_repair"], s["shards_repaired"], s["workers"]) == (0, 0, 0), s
+
+
+def test_an_ungrouped_key_stays_one_error_row_until_the_input_groups_it(tmp_path, labelers):
+    """The repair reads the input as label does: a key whose members are apart is one error row
+    (not a failed repair); once the input holds it together, the repair labels it."""
+    good = photo_samples([(40, 56), (48, 40), (40, 56)])
+    a, b, c = good
+
+    def shard(grouped: bool, broken_c: bool) -> str:
+        import webdataset as wds
+
+        path = tmp_path / f"{NAME}.tar"
+        cj = b"\xff\xd8 not a jpeg" if broken_c else c["jpg"]
+        members = ([("img0000.jpg", a["jpg"]), ("img0000.json", b"{}"), ("img0001.jpg", b["jpg"])] if grouped else
+                   [("img0000.jpg", a["jpg"]), ("img0001.jpg", b["jpg"]), ("img0000.json", b"{}")])
+        with tarfile.open(path, "w") as t:
+            for name, data in [*members, ("img0002.jpg", cj)]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        assert len(list(wds.WebDataset([str(path)], shardshuffle=False))) == (3 if grouped else 4)
+        return str(path)
+
+    output = open_store(str(tmp_path / "out"))
+    url = shard(grouped=False, broken_c=True)
+    first = label_shard(ShardTask(url, NAME), labelers, output)
+    assert first.committed and (first.ok, first.errors) == (1, 2)
+    status = {r["key"]: (r["status"], r["error"] or "") for r in rows_of(output)}
+    assert status["img0001"][0] == "ok" and "reappears after other keys" in status["img0000"][1]
+
+    shard(grouped=False, broken_c=False)                   # c fixed, the layout not
+    result = repair_shard(ShardTask(url, NAME), labelers, output)
+    assert result.committed and (result.targets, result.repaired) == (2, 1)
+    assert {r["key"]: r["status"] for r in rows_of(output)} == {"img0000": "error", "img0001": "ok", "img0002": "ok"}
+
+    shard(grouped=True, broken_c=False)                    # the layout fixed too
+    result = repair_shard(ShardTask(url, NAME), labelers, output)
+    assert result.committed and (result.targets, result.repaired) == (1, 1)
+    assert {r["status"] for r in rows_of(output)} == {"ok"} and verify(output).ok

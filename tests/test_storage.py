@@ -452,8 +452,6 @@ def test_broken_streams_raise_shard_format_error():
                 got.append(sample["__key__"])
         assert got == expected, cut
 
-    duplicate = _tar_bytes([("a.jpg", b"1"), ("a.JPG", b"2")])
     regrouped = _tar_bytes([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}")])
-    for broken, message in ((duplicate, "duplicate member"), (regrouped, "reappears")):
-        with pytest.raises(ShardFormatError, match=message):
-            list(iter_tar_samples(io.BytesIO(broken)))
+    with pytest.raises(ShardFormatError, match="reappears"):     # a reader that is not told which keys
+        list(iter_tar_samples(io.BytesIO(regrouped)))
