@@ -50,18 +50,34 @@ def check_member_name(name: str) -> str | None:
     return None
 
 
-def escape_key(name: str) -> str:
-    """`name` as one segment of [A-Za-z0-9_-] and %XX, reversible byte for byte.
+# Ends every escaped key. A real key never holds a '.' in its last segment (the key is the name
+# up to the first dot of its last segment, as webdataset splits it), so an escaped key can never
+# be a real one: `caf%E9.jpg` (a legal name, key `caf%E9`) and a non-UTF-8 `caf\xe9.jpg` (key
+# `caf%E9.escaped`) are two rows.
+ESCAPED = ".escaped"
 
-    Every other byte of the name's raw bytes is percent-encoded, '.', '/' and '%' included, so
-    `urllib.parse.unquote_to_bytes(escape_key(k)) == k.encode("utf-8", "surrogateescape")`.
+
+def escape_key(name: str) -> str:
+    """`name` as one segment of [A-Za-z0-9_-] and %XX, then ESCAPED: reversible byte for byte
+    (`unescape_key`), and never equal to a key a legal name has.
+
+    Every other byte of the name's raw bytes is percent-encoded, '.', '/' and '%' included.
     The result may be longer than a safe segment: it names a manifest row, never a tar member.
     """
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate tarfile never produces; still never raise
         raw = name.encode("utf-8", "surrogatepass")
-    return "".join(chr(b) if b in _KEPT else f"%{b:02X}" for b in raw)
+    return "".join(chr(b) if b in _KEPT else f"%{b:02X}" for b in raw) + ESCAPED
+
+
+def unescape_key(key: str) -> bytes:
+    """The raw name bytes an escaped key stands for: `k.encode("utf-8", "surrogateescape")`."""
+    from urllib.parse import unquote_to_bytes
+
+    if not key.endswith(ESCAPED):
+        raise ValueError(f"{quote_name(key)} is not an escaped key (it does not end in {ESCAPED!r})")
+    return unquote_to_bytes(key.removesuffix(ESCAPED))
 
 
 def quote_name(name: str) -> str:

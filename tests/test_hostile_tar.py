@@ -34,6 +34,7 @@ from storage.shards import (
     escape_key,
     iter_tar_samples,
 )
+from storage.names import unescape_key
 
 BLOCK = tarfile.BLOCKSIZE
 GiB = 2**30
@@ -362,8 +363,8 @@ def test_unsafe_names_become_escaped_error_rows(name, fmt):
     row = got[1]
     assert row.keys() == {"__key__", "__error__"} and "unsafe name" in row["__error__"]
     raw_key = name.rpartition(".")[0].encode("utf-8", "surrogateescape")
-    assert unquote_to_bytes(row["__key__"]) == raw_key
-    assert re.fullmatch(r"[A-Za-z0-9_%-]+", row["__key__"]) and row["__key__"] == escape_key(name.rpartition(".")[0])
+    assert unescape_key(row["__key__"]) == raw_key
+    assert re.fullmatch(r"[A-Za-z0-9_%-]+\.escaped", row["__key__"]) and row["__key__"] == escape_key(name.rpartition(".")[0])
     assert "\n" not in row["__error__"] and row["__error__"].isprintable()
 
 
@@ -380,9 +381,22 @@ def test_escape_key_is_reversible_and_one_safe_segment():
             [rng.randbytes(rng.randrange(40)).decode("utf-8", "surrogateescape") for _ in range(500)]
     for name in names:
         escaped = escape_key(name)
-        assert re.fullmatch(r"[A-Za-z0-9_%-]*", escaped), escaped
-        assert unquote_to_bytes(escaped) == name.encode("utf-8", "surrogateescape")
-    assert escape_key("dir/key-1_A") == "dir%2Fkey-1_A" and escape_key("%2E") == "%252E"
+        assert re.fullmatch(r"[A-Za-z0-9_%-]*\.escaped", escaped), escaped
+        assert unescape_key(escaped) == name.encode("utf-8", "surrogateescape")
+        assert unquote_to_bytes(escaped.removesuffix(".escaped")) == name.encode("utf-8", "surrogateescape")
+    assert escape_key("dir/key-1_A") == "dir%2Fkey-1_A.escaped" and escape_key("%2E") == "%252E.escaped"
+    with pytest.raises(ValueError, match="not an escaped key"):
+        unescape_key("caf%E9")
+
+
+def test_an_escaped_key_never_collides_with_a_legal_one():
+    """`caf%E9.jpg` is a legal name (key `caf%E9`); a non-UTF-8 `caf\\xe9.jpg` escaped to the same
+    string gave two rows with one key."""
+    tar = build([member("caf%E9.jpg", b"L"), member("caf\udce9.jpg", b"X"), member("caf%25E9.jpg", b"P")])
+    got = read_all(tar)
+    keys = [s["__key__"] for s in got]
+    assert len(set(keys)) == 3 and keys[0] == "caf%E9" and keys[2] == "caf%25E9"
+    assert got[0] == {"__key__": "caf%E9", "jpg": b"L"} and unescape_key(keys[1]) == b"caf\xe9"
 
 
 def test_writer_refuses_unsafe_names_and_writes_what_readers_accept(tmp_path):
