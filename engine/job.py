@@ -61,7 +61,12 @@ class JobSpec:
 
     def identity(self) -> dict:
         """What must match for two runs to write into one OUTPUT."""
-        model = lambda m: None if m is None else {"sha256": m["sha256"], "source": m["source"]}  # noqa: E731
+        def model(m):   # the weights, and what the config says they mean (absent: pinned before it was)
+            if m is None:
+                return None
+            return {"sha256": m["sha256"], "source": m["source"],
+                    **({"config_sha256": m["config_sha256"]} if m.get("config_sha256") else {})}
+
         return {"definition": self.label["definition"], "teacher": model(self.label["teacher"]),
                 "teacher_output": teacher_output(self.label),
                 "keep_depth": bool(self.label.get("keep_depth", False)),   # absent: from before it existed
@@ -109,6 +114,10 @@ def differences(old: dict, new: JobSpec) -> list[str]:
     """Human-readable differences of the label definition, empty when compatible."""
     previous = JobSpec(label=old["label"], shards=[], input="", parameters={}).identity()
     current = new.identity()
+    for part in ("teacher", "sky"):   # an OUTPUT from before configs were pinned: the weights decide
+        if isinstance(previous.get(part), dict) and isinstance(current[part], dict) \
+                and "config_sha256" not in previous[part]:
+            current[part] = {k: v for k, v in current[part].items() if k != "config_sha256"}
     out = []
     for part in current:
         if previous.get(part) != current[part]:
@@ -118,7 +127,8 @@ def differences(old: dict, new: JobSpec) -> list[str]:
 
 def _short(v) -> str:
     if isinstance(v, dict) and "sha256" in v:
-        return f"{v['source']} (weights sha256 {v['sha256'][:12]})"
+        config = f", config sha256 {v['config_sha256'][:12]}" if v.get("config_sha256") else ""
+        return f"{v['source']} (weights sha256 {v['sha256'][:12]}{config})"
     return json.dumps(v, sort_keys=True)
 
 

@@ -113,7 +113,16 @@ def check_sky_model(ref: ModelRef) -> None:
     from labelers.sky import sky_class_ids
 
     check_task(ref, SEGMENTATION)
-    if not sky_class_ids(id2label(ref)):
+    labels = id2label(ref)
+    keys = sorted(labels, key=str)
+    if not all(isinstance(k, (int, str)) and str(k).isdigit() for k in keys) or \
+            sorted(int(k) for k in keys) != list(range(len(keys))):
+        bad = next((k for k in keys if not str(k).isdigit()), None)
+        ids = sorted(int(k) for k in keys) if bad is None else []
+        which = f"key {bad!r} is not a class index" if bad is not None else \
+            f"keys {ids[:3]} ... {ids[-1]} are not the class indices 0..{len(keys) - 1}"
+        raise ConfigError(f"sky model {ref.source}: its id2label {which}; the model's logits are indexed 0..N-1")
+    if not sky_class_ids(labels):
         raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "
                           "pass a segmentation model with a sky class, or --sky none")
 
@@ -185,6 +194,8 @@ def worker_spec(config: LabelConfig, output_url: str, teacher, sky, kind: str | 
                       teacher_output=kind or OUTPUT_DISPARITY, keep_depth=config.keep_depth,
                       label_size=config.label_size, draft_decode=config.draft_decode,
                       ground_truth=config.ground_truth, sky=config.sky, sky_sha256=sky.sha256 if sky else None,
+                      teacher_config_sha256=getattr(teacher, "config_sha256", None),
+                      sky_config_sha256=sky.config_sha256 if sky else None,
                       dtype=config.dtype, batch_size=config.batch_size, claim_seconds=config.claim_seconds,
                       limits=config.limits)
 

@@ -49,6 +49,7 @@ class ModelRef:
     files: dict               # weight file -> sha256
     license: str | None
     architecture: str | None
+    config_sha256: str | None = None   # over config.json and preprocessor_config.json (config_sha256)
 
     def provenance(self) -> dict:
         d = asdict(self)
@@ -77,8 +78,24 @@ def resolve(source: str, *, local_only: bool = False) -> ModelRef:
     return ModelRef(
         source=source, path=str(path), kind=kind, revision=revision,
         sha256=hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest(),
-        files=files, license=_license(Path(path)), architecture=archs[0],
+        files=files, license=_license(Path(path)), architecture=archs[0], config_sha256=config_sha256(Path(path)),
     )
+
+
+# What a saved config records of its saving, not of the model: left out of its sha256.
+_SAVING_KEYS = frozenset({"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
+                          "processor_class"})
+CONFIG_FILES = ("config.json", "preprocessor_config.json")
+
+
+def config_sha256(path: Path) -> str:
+    """sha256 of what the model's files say it means: its config (id2label, the sky class, a
+    metric head's max depth, ...) and its processor's settings, as canonical JSON without the
+    keys that only record the saving. Same weights with another config label differently, so
+    job.json pins this beside the weights' sha256."""
+    doc = {name: {k: v for k, v in _read_json(path / name).items() if k not in _SAVING_KEYS}
+           for name in CONFIG_FILES if (path / name).is_file()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def model_config(ref: ModelRef) -> dict:

@@ -118,6 +118,9 @@ class SkySegmenter(InferenceModel):
 
     def _fold(self, outputs, batch: list, sizes: list) -> list[np.ndarray | NoLabel]:
         logits = outputs.logits.float()
+        if max(self.sky_ids) >= logits.shape[1]:
+            raise ValueError(f"sky model {self.name}: its id2label names sky class {max(self.sky_ids)}, "
+                             f"but it outputs {logits.shape[1]} classes")
         bad = (~torch.isfinite(logits)).flatten(1).sum(1).tolist()   # one sync per batch
         return [non_finite("sky model", int(bad[row]), logits[row].numel()) if bad[row]
                 else sky_from_logits(logits[row], self.sky_ids, size).cpu().numpy() for row, size in enumerate(sizes)]

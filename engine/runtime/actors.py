@@ -43,6 +43,8 @@ class WorkerSpec:
     sky: str | None
     sky_sha256: str | None
     ground_truth: GroundTruthRule | None = None
+    teacher_config_sha256: str | None = None   # what job.json pins of the models' configs (None: unchecked)
+    sky_config_sha256: str | None = None
     teacher_output: str = "disparity"   # what the teacher outputs, decided on the driver (job.json)
     keep_depth: bool = False            # a depth teacher's metres kept as depth.png (job.json)
     label_size: str | int = "image"     # the labels' size rule (job.json)
@@ -71,10 +73,13 @@ class CompareSpec:
     torch_threads: int | None = None
 
 
-def _check_same_weights(source: str, found: str, expected: str) -> None:
-    if found != expected:
-        raise RuntimeError(f"model {source} on {socket.gethostname()} has weights sha256 {found[:12]}, "
+def _check_same_model(source: str, ref, expected: str, expected_config: str | None) -> None:
+    if ref.sha256 != expected:
+        raise RuntimeError(f"model {source} on {socket.gethostname()} has weights sha256 {ref.sha256[:12]}, "
                            f"job.json pins {expected[:12]}: the node sees another version")
+    if expected_config and ref.config_sha256 != expected_config:
+        raise RuntimeError(f"model {source} on {socket.gethostname()} has config sha256 {ref.config_sha256[:12]}, "
+                           f"job.json pins {expected_config[:12]}: the node sees another config")
 
 
 def load_labelers(spec: WorkerSpec) -> Labelers:
@@ -99,13 +104,13 @@ def load_labelers(spec: WorkerSpec) -> Labelers:
                                f"job.json pins {spec.teacher_output}: the node has another version")
     elif spec.teacher:
         ref = resolve(spec.teacher)
-        _check_same_weights(spec.teacher, ref.sha256, spec.teacher_sha256)
+        _check_same_model(spec.teacher, ref, spec.teacher_sha256, spec.teacher_config_sha256)
         teacher = Teacher.load(ref.path, device=str(device), dtype=spec.dtype, name=spec.teacher,
                                output=spec.teacher_output)
     sky = None
     if spec.sky:
         sref = resolve(spec.sky)
-        _check_same_weights(spec.sky, sref.sha256, spec.sky_sha256)
+        _check_same_model(spec.sky, sref, spec.sky_sha256, spec.sky_config_sha256)
         sky = SkySegmenter.load(sref.path, device=str(device), dtype=spec.dtype, name=spec.sky)
     return Labelers(teacher, sky, spec.ground_truth, keep_depth=spec.keep_depth, label_size=spec.label_size,
                     draft_decode=spec.draft_decode)
