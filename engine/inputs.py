@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import itertools
 import os
 import re
 
@@ -23,6 +24,10 @@ from storage.stores import locate, open_store
 
 # Tars in the compressions GNU tar knows that the reader does not take (a .tar.md5 is not one).
 _OTHER_TAR = re.compile(r"\.(tar\.(zst|zstd|lz4|lz|lzma|lzo|z|br|sz)|tzst|tlz|tlz4|taz|tz)$", re.IGNORECASE)
+
+
+MAX_LIST_BYTES = 128 * 2**20        # @FILE: about a million shard URLs
+MAX_PATTERN_NAMES = 1_000_000       # a brace pattern's names
 
 
 class InputError(ValueError):
@@ -38,7 +43,7 @@ def expand(spec: str, exclude: str | None = None) -> list[str]:
     if spec.startswith("@"):
         urls = _from_list(spec[1:])
     elif "{" in spec:
-        urls = [u for part in braceexpand(spec) for u in _single_or_glob(part)]
+        urls = [u for part in _braces(spec) for u in _single_or_glob(part)]
     else:
         urls = _single_or_glob(spec)
     urls = list(dict.fromkeys(urls))
@@ -56,12 +61,30 @@ def expand(spec: str, exclude: str | None = None) -> list[str]:
 
 
 def _from_list(path: str) -> list[str]:
+    """The shard list of ``@FILE``, read up to MAX_LIST_BYTES (a million long URLs): a list past
+    it, or ``@/dev/zero``, is refused, not read into the driver's memory."""
     try:
-        with open(path) as f:
-            lines = [ln.strip() for ln in f]
+        with open(path, "rb") as f:
+            data = f.read(MAX_LIST_BYTES + 1)   # one bounded read: a device's position never moves
     except OSError as e:
         raise InputError(f"cannot read the shard list {path!r}: {e.strerror}") from None
+    if len(data) > MAX_LIST_BYTES:
+        raise InputError(f"the shard list {path!r} is over {MAX_LIST_BYTES >> 20} MiB; split the job, "
+                         "or name the shards with a prefix or a pattern")
+    try:
+        lines = [ln.strip() for ln in data.decode("utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise InputError(f"the shard list {path!r} is not UTF-8 text (byte {e.start})") from None
     return [ln if is_s3(ln) else _local(ln) for ln in lines if ln and not ln.startswith("#")]
+
+
+def _braces(spec: str) -> list[str]:
+    """The names of a brace pattern, expanded lazily up to MAX_PATTERN_NAMES."""
+    names = list(itertools.islice(braceexpand(spec), MAX_PATTERN_NAMES + 1))
+    if len(names) > MAX_PATTERN_NAMES:
+        raise InputError(f"INPUT {spec!r} names more than {MAX_PATTERN_NAMES:,} shards; split the job, "
+                         "or name the shards with a prefix")
+    return names
 
 
 def _single_or_glob(spec: str) -> list[str]:

@@ -205,7 +205,25 @@ def local_path(url: str) -> str:
         raise InvalidURL(f"unsupported URL {redact(url)!r}: expected s3://bucket/prefix, file:///dir or a path")
     if not url:
         raise InvalidURL("empty storage URL")
-    return os.path.abspath(os.path.expanduser(url))
+    return _within_name_limits(os.path.abspath(os.path.expanduser(url)))
+
+
+_NAME_MAX = 255          # bytes of one path segment on common file systems (ext4, xfs, APFS)
+_PATH_ROOM = 3072        # bytes of a root path, leaving room under PATH_MAX (4096) for the keys below it
+
+
+def _within_name_limits(path: str) -> str:
+    """A local root the file system can hold, checked before anything is created under it: a
+    segment over NAME_MAX ended the job in a traceback ('File name too long')."""
+    raw = os.fsencode(path)
+    if longest := max((s for s in raw.split(b"/")), key=len, default=b""):
+        if len(longest) > _NAME_MAX:
+            raise InvalidURL(f"local path {path[:60]!r}...: a path segment of {len(longest)} bytes, over the "
+                             f"file system's {_NAME_MAX}")
+    if len(raw) > _PATH_ROOM:
+        raise InvalidURL(f"local path {path[:60]!r}...: {len(raw)} bytes, over {_PATH_ROOM} (the keys below it "
+                         "need room under the file system's 4096)")
+    return path
 
 
 def _split_s3(url: str) -> tuple[str, str]:

@@ -94,3 +94,30 @@ def test_a_directory_or_prefix_lists_every_form_the_reader_reads(tmp_path, s3_bu
     for name in COMPRESSED:                           # and the reader reads each one it lists
         with open(d / name, "rb") as f:
             assert [s["__key__"] for s in iter_tar_samples(f)] == ["k"]
+
+
+def test_arguments_past_their_bounds_are_refused_in_one_line_and_write_nothing(tmp_path, tiny_models):
+    """`@/dev/zero` grew the driver by 0.5 GB/s, a brace pattern of 10^7 names expanded for minutes,
+    an OUTPUT segment over the file system's limit ended in a traceback (issue 27, finding 11)."""
+    from helpers_cli import run
+
+    from engine import inputs
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "s-000000.tar").write_bytes(b"")
+    out = tmp_path / "out"
+    cases = [
+        (["@/dev/zero", str(out)], "is over 128 MiB"),
+        ([f"{raw}/s-{{0000000..9999999}}.tar", str(out)], "names more than 1,000,000 shards"),
+        ([f"{raw}/", str(tmp_path / ("o" * 300) / "out")], "a path segment of 300 bytes, over the file system's 255"),
+    ]
+    for argv, message in cases:
+        p = run("label", *argv, "--teacher", tiny_models.teacher, "--sky", "none")
+        assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    (tmp_path / "list.txt").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        expand(f"@{tmp_path / 'list.txt'}")
+    assert inputs.MAX_LIST_BYTES >= 100 * 2**20 and inputs.MAX_PATTERN_NAMES >= 500_000   # room for real jobs
