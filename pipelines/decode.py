@@ -228,6 +228,9 @@ def sample_from_members(members: dict, source: str) -> Sample:
             sample.extras[ext] = value
     if sample.image_ext is None:
         sample.fail(f"no image member (members: {', '.join(sorted(sample.extras)) or 'none'})")
+    elif others := [e for e in sample.extras if image_member([e])]:
+        sample.notes.append(f"{len(others) + 1} image members: {sample.image_ext} labeled (the first), "
+                            f"{', '.join(others)} carried")
     return sample
 
 

@@ -194,6 +194,8 @@ def encode(sample: Sample, models: dict, keep_depth: bool = False) -> Encoded:
         members[DEPTH_MEMBER] = depth_png(to_depth(sample.raw, kind), sample.sky)
         if DEPTH_MEMBER in sample.extras:
             sample.notes.append(f"input {DEPTH_MEMBER} replaced by the teacher's depth (--keep-depth)")
+    for ext in sorted(e for e in sample.extras if e in RESERVED and e != JSON_MEMBER):
+        sample.notes.append(f"input {ext} replaced by the engine's")   # never carried: it would contradict the label
     if sample.notes:
         meta["notes"] = list(sample.notes)
     members[JSON_MEMBER] = json.dumps(meta, sort_keys=True, allow_nan=False).encode()

@@ -10,7 +10,7 @@ import io
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from storage import layout
 from storage.label_format import (
@@ -76,7 +76,7 @@ def _triplet(output: ObjectStore, row: dict) -> dict | None:
     image_ext = image_member(members)
     if image_ext is None or DISP_MEMBER not in members:
         return None
-    img = Image.open(io.BytesIO(read(members[image_ext]))).convert("RGB")
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(read(members[image_ext])))).convert("RGB")   # as labeled
     disp = read_disparity_png(read(members[DISP_MEMBER]), np.float64)
     out = {"image": _data_uri(img), "disp": _data_uri(Image.fromarray(colorize(disp)))}
     if SKY_MEMBER in members:
