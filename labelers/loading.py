@@ -52,6 +52,21 @@ def load_pretrained(auto_model, source: str, *, revision: str | None, device: to
         if "safetensors" in message and ("does not appear to have" in message or "no file named" in message):
             raise _refuse(source) from err
         raise
+    except RuntimeError as err:   # transformers points at a report it logged, which a worker's one line loses
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ValueError(_mismatch(auto_model, source, revision)) from None
     processor = load_image_processor(source, revision=revision, family=model.config.model_type)
     # fp32 weights whatever the checkpoint's dtype: half precision comes from autocast on CUDA.
     return model.float().eval().to(device), processor
+
+
+def _mismatch(auto_model, source: str, revision: str | None) -> str:
+    """The shapes a config asks for that its weights do not have, in one line: the report
+    transformers logs instead of raising. Loaded again, mismatches allowed, for their list."""
+    _, info = auto_model.from_pretrained(source, revision=revision, use_safetensors=True, trust_remote_code=False,
+                                         ignore_mismatched_sizes=True, output_loading_info=True)
+    found = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])   # a set in transformers 5
+    first = ", ".join(f"{key}: weights {list(a)}, config {list(b)}" for key, a, b in found[:2])
+    return (f"model {source}: its config does not match its weights ({len(found)} tensors differ in shape, "
+            f"e.g. {first}); the config.json beside these weights is not theirs")

@@ -48,7 +48,8 @@ def first_samples(sources: list[str], n: int, limits: SampleLimits) -> tuple[lis
     for source in sources:
         store, key = locate(source)
         with store.open_read(key) as stream:
-            for s in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes):
+            for s in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes,
+                                   max_sample_bytes=limits.max_sample_bytes):
                 if "__error__" not in s and image_member(s):
                     samples.append(s)
                     if source not in used:

@@ -22,7 +22,7 @@ from labelers.ground_truth import GroundTruthError, GroundTruthRule, decode_grou
 from pipelines.sample import Sample
 from pipelines.whole_image import jpeg_scans_missing, png_rows_missing
 from storage.label_format import image_member
-from storage.shards import DEFAULT_MAX_MEMBER_BYTES
+from storage.shards import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_SAMPLE_BYTES
 
 # The engine's own limit (SampleLimits.max_pixels), checked from the header, replaces Pillow's
 # process-wide one: Pillow's is a warning whose filter is not thread-safe, and decode runs in threads.
@@ -47,6 +47,7 @@ class SampleLimits:
     max_pixels: int = 128_000_000       # 100 MP cameras and 50 MP phones pass
     max_aspect: float = 8.0             # long side / short side; the teacher's tokens grow with it
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES   # any one tar member, checked before reading
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES   # all of one sample's members, from their headers
 
     def __post_init__(self):
         if self.max_pixels < 1:
@@ -55,6 +56,8 @@ class SampleLimits:
             raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
         if self.max_member_bytes < 1:
             raise ValueError(f"--max-member-bytes must be >= 1, got {self.max_member_bytes}")
+        if self.max_sample_bytes < 1:
+            raise ValueError(f"--max-sample-bytes must be >= 1, got {self.max_sample_bytes}")
 
     @property
     def inflight_pixels(self) -> int:
@@ -243,6 +246,18 @@ def probe(sample: Sample, limits: SampleLimits = SampleLimits()) -> int:
     except DecodeError as e:
         sample.fail(str(e))
         return 0
+
+
+BYTES_PER_PIXEL = 20   # a decoded pixel in flight: the image, the teacher's output, the sky mask, the label
+
+
+def reserve(sample: Sample, limits: SampleLimits = SampleLimits()) -> int:
+    """What a sample takes of its worker's budget (pipelines.concurrency.PixelBudget), in pixels:
+    its image's, from the header (probe), and its members' bytes at BYTES_PER_PIXEL each, since
+    every member is held until the sample is written: a sample of many large members costs
+    the worker what as many pixels would."""
+    held = len(sample.image_bytes or b"") + sum(len(v) for v in sample.extras.values())
+    return probe(sample, limits) + -(-held // BYTES_PER_PIXEL)
 
 
 def decode(sample: Sample, limits: SampleLimits = SampleLimits(), reduce: Reduce | None = None) -> Sample:

@@ -29,7 +29,7 @@ from pipelines.decode import (
     SampleLimits,
     decode,
     decode_labeled,
-    probe,
+    reserve,
     sample_from_members,
 )
 from pipelines.encode import Encoded, encode
@@ -273,11 +273,12 @@ def label_samples(
             progress.errors += enc.row["status"] != "ok"
 
         def read():   # the reader thread, in tar order: header checks, then the pixels are reserved
-            for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes, ungrouped=ungrouped):
+            for members in iter_tar_samples(stream, max_member_bytes=limits.max_member_bytes,
+                                         max_sample_bytes=limits.max_sample_bytes, ungrouped=ungrouped):
                 sample = sample_from_members(members, source)
                 if wanted is not None and not wanted(sample.key):
                     continue
-                sample.held = budget.acquire(probe(sample, limits))
+                sample.held = budget.acquire(reserve(sample, limits))
                 yield sample
 
         def finish(sample: Sample) -> Encoded:   # encode, then free the arrays and their pixels

@@ -28,10 +28,11 @@ from storage.label_format import IMAGE_EXTENSIONS, WRITTEN
 from storage.names import check_member_name, escape_key, quote_name
 from storage.tarstream import BLOCK, ShardFormatError, tar_members
 
-__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
+__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "DEFAULT_MAX_SAMPLE_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
            "UngroupedKeys", "check_member_name", "escape_key", "iter_tar_samples"]
 
 DEFAULT_MAX_MEMBER_BYTES = 512 * 2**20
+DEFAULT_MAX_SAMPLE_BYTES = 2**30   # all of one sample's members together
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _NOT_READ = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
              tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
@@ -51,12 +52,14 @@ class UngroupedKeys(ShardFormatError):
 
 
 def iter_tar_samples(fileobj: BinaryIO, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
                      ungrouped: Collection[str] = ()) -> Iterator[dict]:
     """One dict per key, in tar order, read forward only (never seeks, never writes a file).
 
     A sample is `{"__key__": key, ext: bytes, ...}` (extensions lowercase, inner dots kept:
     'disp.png'), or `{"__key__": key, "__error__": reason}` when one of its members is not a
-    regular file, is sparse, is over `max_member_bytes` (never read), has an unsafe name (the
+    regular file, is sparse, is over `max_member_bytes` (never read), would bring the sample's
+    members over `max_sample_bytes` together (that one and the rest never read), has an unsafe name (the
     key is then `escape_key`d) or repeats an extension of its sample (`a.jpg` twice, or `a.jpg`
     and `a.JPG`); its other members are dropped and the shard goes on. Directories, webdataset
     meta files and names with no key/extension split are skipped, as webdataset does.
@@ -86,7 +89,12 @@ def iter_tar_samples(fileobj: BinaryIO, *, max_member_bytes: int = DEFAULT_MAX_M
         sample.names.setdefault(ext, info.name)
         if sample.error is None:
             sample.error = _refusal(info, key, ext, max_member_bytes)
-            if sample.error is None:
+        if sample.error is None:
+            sample.size += info.size
+            if sample.size > max_sample_bytes:
+                sample.error = (f"sample {quote_name(key)} holds over {max_sample_bytes} bytes of members "
+                                f"(--max-sample-bytes): {quote_name(info.name)} brings them to {sample.size}; not read")
+            else:
                 sample.members[ext] = read()
         if sample.error is not None:
             sample.members.clear()
@@ -115,6 +123,7 @@ class _Sample:
     error: str | None = None
     names: dict[str, str] = field(default_factory=dict)   # extension -> the member name that had it
     repeat: bool = False   # a later group of an ungrouped key: its row is the first group's
+    size: int = 0          # bytes of its members so far, from their headers
 
     def result(self) -> dict:
         if self.error is None:

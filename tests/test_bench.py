@@ -67,10 +67,15 @@ def test_bench_memory_and_hostile_compare_peak_worker_memory(tmp_path, capsys):
     assert h["hostile"]["samples_ok"] == 0 and h["hostile"]["samples_error"] == 5     # every one refused
     assert h["hostile_over_ordinary"] == pytest.approx(
         h["hostile"]["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)
+    many = h["many_members"]
+    assert many["samples_ok"] == 5 and many["shard_mb"] >= 5 * 64                    # 8 x 8 MiB each, carried
+    assert h["many_members_over_ordinary"] == pytest.approx(
+        many["peak_worker_rss_mb"] / h["ordinary"]["peak_worker_rss_mb"], abs=1e-3)
     print_report(r)
     table = capsys.readouterr().out
     assert "engine end to end" in table and "Ray Data" not in table
     assert "memory: peak worker RSS" in table and "hostile input: peak worker RSS" in table
+    assert "many-member samples: peak worker RSS" in table
 
 
 def test_bench_refuses_bad_arguments(tmp_path):

@@ -90,3 +90,20 @@ def test_a_worker_that_sees_another_config_refuses_to_start(tmp_path, tiny_model
     with pytest.raises(RuntimeError, match=f"has config sha256 {ref.config_sha256[:12]}, job.json pins "
                                            f"{pinned.config_sha256[:12]}"):
         load_labelers(spec)
+
+
+def test_a_config_whose_sizes_are_not_its_weights_says_which(tmp_path, tiny_models):
+    """transformers raised 'look at the above report!' and logged the report: a worker's one line
+    showed no report (issue 27, finding 12)."""
+    from labelers.teacher import Teacher
+
+    d = tmp_path / "teacher"
+    shutil.copytree(tiny_models.teacher, d)
+    config = json.loads((d / "config.json").read_text())
+    config["fusion_hidden_size"] *= 2
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        Teacher.load(str(d))
+    message = str(e.value)
+    assert "its config does not match its weights (" in message and "tensors differ in shape, e.g. " in message
+    assert "weights [" in message and "config [" in message and "\n" not in message

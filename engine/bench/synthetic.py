@@ -99,6 +99,25 @@ def _padded(data: bytes) -> bytes:
     return data + bytes(-len(data) % 512)
 
 
+def write_many_member_shard(path: Path, images: int, members: int = 8, member_bytes: int = 8 * 2**20) -> Path:
+    """A shard of ``images`` samples of a photo and ``members`` incompressible members of
+    ``member_bytes`` each (a sample that carries large side data: ground truth, features, video):
+    every member is held until its sample is written, so what the reader reads ahead is bytes,
+    not pixels (pipelines.decode.reserve counts them)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo = jpeg(scene(240, 320))
+    with open(path, "wb") as f:
+        for i in range(images):
+            key = f"{path.stem}-{i:07d}"
+            f.write(tar_member(f"{key}.jpg", photo))
+            for j in range(members):
+                f.write(tar_member(f"{key}.m{j}", os.urandom(member_bytes)))
+        f.write(bytes(1024))
+    return path
+
+
 def write_hostile_shard(path: Path, images: int) -> Path:
     """A shard of ``images`` samples that attack a worker's memory, cycling through three kinds:
     a JPEG header claiming 9000x9000 in about a kilobyte, a GNU sparse member claiming 1 GiB

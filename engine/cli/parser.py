@@ -38,6 +38,9 @@ def _limit_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse images whose long side / short side exceeds R (default: %(default)s)")
     p.add_argument("--max-member-bytes", type=int, default=d.max_member_bytes, metavar="N",
                    help="refuse a sample with a tar member larger than N bytes, unread (default: %(default)s)")
+    p.add_argument("--max-sample-bytes", type=int, default=d.max_sample_bytes, metavar="N",
+                   help="refuse a sample whose members hold more than N bytes together, the rest unread "
+                        "(default: %(default)s)")
 
 
 def _limits(args):
@@ -45,7 +48,7 @@ def _limits(args):
 
     try:
         return SampleLimits(max_pixels=args.max_image_pixels, max_aspect=args.max_aspect,
-                            max_member_bytes=args.max_member_bytes)
+                            max_member_bytes=args.max_member_bytes, max_sample_bytes=args.max_sample_bytes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
