@@ -61,3 +61,18 @@ def test_main_called_with_argv_returns_instead_of_exiting(output, capsys):
 
     assert main(["status", output, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["committed"] == 3
+
+
+@pytest.mark.parametrize("argv, code, fragment", [
+    (["label", "/nowhere-at-all/", "OUT", "--json"], 2, "INPUT"),
+    (["status", "s3://K3YID:S3CRET99@b/x/", "--json"], 2, "credentials do not go in a URL"),
+])
+def test_a_json_command_that_fails_still_prints_one_json_object(tmp_path, argv, code, fragment):
+    """A script reading --json's stdout gets {"error", "exit_code"} when the command ends early (a full
+    disk, a refused argument), not an empty stdout beside a line on stderr (issue 27, finding 12)."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    p = subprocess.run([sys.executable, "-m", "engine", *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == code, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["exit_code"] == code and fragment in doc["error"] and doc["error"] in p.stderr
+    assert "S3CRET99" not in p.stdout + p.stderr

@@ -59,6 +59,7 @@ def test_log_records_and_warnings_pass_through_the_redaction(monkeypatch, capsys
     from engine import cli
 
     monkeypatch.setattr(objectstore, "_REMEMBERED", set())
+    logging.captureWarnings(False)   # as in a fresh process: an earlier in-process main() left it on
     root = logging.getLogger()
     handler = logging.StreamHandler()
     monkeypatch.setattr(root, "handlers", [handler])

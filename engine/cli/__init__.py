@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None, *, _program: bool = False) -> int:
     logging.basicConfig(level=os.environ.get("DEPTH_ENGINE_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     _redact_every_message(argv)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "json", False):
@@ -57,38 +58,35 @@ def main(argv: list[str] | None = None, *, _program: bool = False) -> int:
         return COMMANDS[args.command](args)
     # Every message is redacted: a URL or a server may echo credentials (storage.objectstore.redact).
     except UsageError as e:
-        from storage.objectstore import redact
-
-        print(redact(str(e)), file=sys.stderr)
-        return 2
+        return _fail(args, str(e), 2)
     except ConfigError as e:
-        from storage.objectstore import redact
-
-        print(redact(f"depth-engine: {e}"), file=sys.stderr)
-        return 2
-    except StorageError as e:
-        from storage.objectstore import redact
-
-        print(redact(f"depth-engine: storage: {e}"), file=sys.stderr)
-        return 2
+        return _fail(args, f"depth-engine: {e}", 2)
+    except StorageError as e:   # a full disk too: OSError is a StorageError where storage wraps it
+        return _fail(args, f"depth-engine: storage: {e}", 2)
     except JobAborted as e:
-        from storage.objectstore import redact
-
-        print(redact(f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again to "
-                     "resume."), file=sys.stderr)
-        return 1
+        return _fail(args, f"depth-engine: stopped: {e}. Committed shards are kept; run the same command again "
+                           "to resume.", 1)
     except KeyboardInterrupt:
-        print("depth-engine: interrupted; committed shards are kept. Run the same command again to resume.",
-              file=sys.stderr)
-        return 130
+        return _fail(args, "depth-engine: interrupted; committed shards are kept. Run the same command again to "
+                           "resume.", 130)
     except Exception:  # a bug: its traceback as Python would print it, with credentials blanked
         import traceback
 
-        from storage.objectstore import redact
+        return _fail(args, traceback.format_exc().rstrip(), 1)
 
-        print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
-        return 1
 
+def _fail(args, text: str, code: int) -> int:
+    """Print why the command ends (redacted) and return its exit code; a ``--json`` command
+    also prints one JSON object, so a script reading stdout always gets one."""
+    from storage.objectstore import redact
+
+    text = redact(text)
+    print(text, file=sys.stderr)
+    if getattr(args, "json", False):
+        from engine.cli.printing import print_json
+
+        print_json({"error": text.splitlines()[-1] if text else "", "exit_code": code})
+    return code
 
 class _Redacting(logging.Filter):
     """A log record's text with credentials blanked, whichever library logs it."""
