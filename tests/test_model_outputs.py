@@ -11,6 +11,7 @@ import torch
 import transformers
 from builders import photo_samples, write_shard
 
+from engine.bench.synthetic import scene
 from labelers.prediction import NoLabel, Prediction, checked
 from labelers.sky import SkySegmenter
 from labelers.teacher import Teacher
@@ -97,3 +98,27 @@ def test_a_plugin_map_with_nan_or_a_nan_field_of_view_is_no_label():
         assert isinstance(got, NoLabel) and "non-finite values of 20" in got.reason
     got = checked(Prediction(good, fov_deg=float("nan")), 4, 5, "p")
     assert isinstance(got, NoLabel) and "field of view of nan" in got.reason
+
+
+@pytest.mark.parametrize("family", ["depth_anything", "dpt", "glpn", "zoedepth", "depth_pro"])
+def test_every_family_refuses_a_non_finite_output_of_one_image(family, tmp_path):
+    """The check is the teacher's, shared by every family it loads: each breaks one image of two
+    (Depth Pro also through its field of view), and only that one is a NoLabel."""
+    from labelers.random_models import save_random_family
+
+    path, _ = save_random_family(tmp_path / family, family, scale="tiny")
+    teacher = Teacher.load(str(path))
+    images = [scene(48, 64, 1), scene(48, 64, 2)]
+    assert all(isinstance(p, Prediction) for p in teacher.predict(images))
+    broken = ["predicted_depth"] + (["field_of_view"] if family == "depth_pro" else [])
+    for name in broken:
+        def nan_in_the_second(module, args, out, name=name):
+            getattr(out, name)[1].fill_(float("nan"))
+
+        hook = teacher.model.register_forward_hook(nan_in_the_second)
+        try:
+            got = teacher.predict(images)
+        finally:
+            hook.remove()
+        assert isinstance(got[0], Prediction) and isinstance(got[1], NoLabel), (name, got)
+        assert "the teacher's output holds" in got[1].reason
