@@ -114,13 +114,12 @@ def check_sky_model(ref: ModelRef) -> None:
 
     check_task(ref, SEGMENTATION)
     labels = id2label(ref)
-    keys = sorted(labels, key=str)
-    if not all(isinstance(k, (int, str)) and str(k).isdigit() for k in keys) or \
-            sorted(int(k) for k in keys) != list(range(len(keys))):
-        bad = next((k for k in keys if not str(k).isdigit()), None)
-        ids = sorted(int(k) for k in keys) if bad is None else []
-        which = f"key {bad!r} is not a class index" if bad is not None else \
-            f"keys {ids[:3]} ... {ids[-1]} are not the class indices 0..{len(keys) - 1}"
+    which = None
+    if (bad := next((k for k in sorted(labels, key=str) if not str(k).isdigit()), None)) is not None:
+        which = f"key {bad!r} is not a class index"
+    elif (ids := sorted(int(k) for k in labels)) != list(range(len(ids))):
+        which = f"keys {ids[:3]} ... {ids[-1]} are not the class indices 0..{len(ids) - 1}"
+    if which:
         raise ConfigError(f"sky model {ref.source}: its id2label {which}; the model's logits are indexed 0..N-1")
     if not sky_class_ids(labels):
         raise ConfigError(f"sky model {ref.source} has no class named 'sky' in its id2label; "

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
+from storage.names import MAX_SEGMENT_BYTES
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
@@ -35,10 +37,9 @@ class InvalidURL(StorageError, ValueError):
 
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/\s]*)@")   # scheme, user:pass
 
 
-_USERINFO_PART = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s]*)@")
 _REMEMBERED: set[str] = set()   # credentials seen in this process's arguments (remember_credentials)
 
 
@@ -60,7 +61,7 @@ def remember_credentials(texts: list[str]) -> None:
     """Note the ``user:pass@`` of every URL in ``texts`` (the command line), so that redact()
     blanks them, and each of their parts, in any message, with or without the URL around them."""
     for text in texts:
-        for userinfo in _USERINFO_PART.findall(text):
+        for _, userinfo in _USERINFO.findall(text):
             _REMEMBERED.update(p for p in (userinfo, *userinfo.split(":", 1)) if len(p) >= 4)
 
 
@@ -208,7 +209,6 @@ def local_path(url: str) -> str:
     return _within_name_limits(os.path.abspath(os.path.expanduser(url)))
 
 
-_NAME_MAX = 255          # bytes of one path segment on common file systems (ext4, xfs, APFS)
 _PATH_ROOM = 3072        # bytes of a root path, leaving room under PATH_MAX (4096) for the keys below it
 
 
@@ -216,10 +216,9 @@ def _within_name_limits(path: str) -> str:
     """A local root the file system can hold, checked before anything is created under it: a
     segment over NAME_MAX ended the job in a traceback ('File name too long')."""
     raw = os.fsencode(path)
-    if longest := max((s for s in raw.split(b"/")), key=len, default=b""):
-        if len(longest) > _NAME_MAX:
-            raise InvalidURL(f"local path {path[:60]!r}...: a path segment of {len(longest)} bytes, over the "
-                             f"file system's {_NAME_MAX}")
+    if (longest := max(map(len, raw.split(b"/")))) > MAX_SEGMENT_BYTES:
+        raise InvalidURL(f"local path {path[:60]!r}...: a path segment of {longest} bytes, over the "
+                         f"file system's {MAX_SEGMENT_BYTES}")
     if len(raw) > _PATH_ROOM:
         raise InvalidURL(f"local path {path[:60]!r}...: {len(raw)} bytes, over {_PATH_ROOM} (the keys below it "
                          "need room under the file system's 4096)")

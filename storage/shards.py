@@ -28,8 +28,9 @@ from storage.label_format import IMAGE_EXTENSIONS, WRITTEN
 from storage.names import check_member_name, escape_key, quote_name
 from storage.tarstream import BLOCK, ShardFormatError, tar_members
 
-__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "DEFAULT_MAX_SAMPLE_BYTES", "IMAGE_EXTENSIONS", "MemberRecord", "ShardFormatError", "TarShardWriter",
-           "UngroupedKeys", "check_member_name", "escape_key", "iter_tar_samples"]
+__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "DEFAULT_MAX_SAMPLE_BYTES", "IMAGE_EXTENSIONS", "MemberRecord",
+           "ShardFormatError", "TarShardWriter", "UngroupedKeys", "check_member_name", "escape_key",
+           "iter_tar_samples"]
 
 DEFAULT_MAX_MEMBER_BYTES = 512 * 2**20
 DEFAULT_MAX_SAMPLE_BYTES = 2**30   # all of one sample's members together
